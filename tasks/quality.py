@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import re
 import tempfile
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +100,17 @@ def in_holdout(doc_id: str, fraction: float) -> bool:
     return h / 2**32 < fraction
 
 
+def _fit_fasttext(train_file: str, model_path: str, kwargs: dict) -> str | None:
+    """Runs in a fresh process: returns None on success or the error message."""
+    import fasttext
+
+    try:
+        fasttext.train_supervised(input=train_file, **kwargs).save_model(model_path)
+        return None
+    except RuntimeError as err:
+        return str(err)
+
+
 def train_classifier(pos: list[str], neg: list[str], cfg: Classifier, seed: int, model_path: Path):
     import fasttext
 
@@ -114,17 +127,20 @@ def train_classifier(pos: list[str], neg: list[str], cfg: Classifier, seed: int,
     with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8", delete=False) as fh:
         fh.write("\n".join(lines[i] for i in order) + "\n")
         train_file = fh.name
+    kwargs = dict(epoch=cfg.epoch, lr=cfg.lr, dim=cfg.dim, wordNgrams=cfg.word_ngrams, minCount=cfg.min_count,
+                  bucket=cfg.bucket, thread=1, seed=seed, verbose=0)  # 1 thread: no Hogwild races
+    # fastText keeps state between trainings in one process: a second training there gives
+    # different weights and sometimes "Encountered NaN" (seen with fasttext 0.9.3 and
+    # fasttext-numpy2 0.10.4). Each training therefore runs in a fresh process, where it is
+    # deterministic.
     try:
-        model = fasttext.train_supervised(
-            input=train_file, epoch=cfg.epoch, lr=cfg.lr, dim=cfg.dim, wordNgrams=cfg.word_ngrams,
-            minCount=cfg.min_count, bucket=cfg.bucket, thread=1, seed=seed, verbose=0,  # 1 thread: deterministic
-        )
-    except RuntimeError as err:
-        raise StageError(f"fastText training failed ({err}); try a lower quality.classifier.lr (now {cfg.lr})") from None
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            error = pool.submit(_fit_fasttext, train_file, str(model_path), kwargs).result()
     finally:
         Path(train_file).unlink()
-    model.save_model(str(model_path))
-    return model
+    if error:
+        raise StageError(f"fastText training failed ({error}); try a lower quality.classifier.lr (now {cfg.lr})")
+    return fasttext.load_model(str(model_path))
 
 
 def hq_scores(model, texts: list[str]) -> np.ndarray:

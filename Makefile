@@ -1,0 +1,45 @@
+# Two commands do everything on a fresh machine:
+#   make pipeline   set up .venv and run the whole pipeline (dvc repro) on the built-in data
+#   make test       set up .venv and run the tests (CI runs exactly this: .ci/run)
+# Other targets: make setup | make flow (the same pipeline through Prefect) | make serve | make ui
+
+PY      := python3
+VENV    := .venv
+BIN     := $(CURDIR)/$(VENV)/bin
+export PATH := $(BIN):$(PATH)
+STAMP   := $(VENV)/.installed
+
+.PHONY: setup pipeline flow serve ui test test-fast clean
+
+setup: $(STAMP)
+
+# torch first, pinned, from the local CPU wheel where one exists (a bare `torch` would pull a
+# multi-GB CUDA build); then everything else with uv, which is much faster than pip.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.13.0 uv==0.13.8
+	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[dev]'
+	touch $(STAMP)
+
+pipeline: setup
+	dvc repro
+
+flow: setup
+	python -m flows.pipeline
+
+serve: setup
+	python -m flows.serve
+
+ui: setup
+	@echo "MLflow UI on http://127.0.0.1:5000 (Prefect UI: prefect server start --host 127.0.0.1)"
+	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+# pytest exits 5 when it collected no test: that is a failure of ours, not a pass.
+test: setup
+	python -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
+
+test-fast: setup
+	python -m pytest -m "not slow"
+
+clean:
+	rm -rf data models reports/*_clusters.json .prefect mlruns mlflow.db

@@ -1,0 +1,119 @@
+"""collect: the three source kinds, and bad documents dropped with a reason."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tasks import builtin, collect
+from tasks.config import CrawlMix, parse_params
+from tasks.storage import StageError, read_docs
+from tests.conftest import run_stage, tiny_raw_params
+
+
+def params_with(sources, weights=None):
+    raw = tiny_raw_params()
+    raw["collect"]["sources"] = sources
+    raw["mix"]["weights"] = weights or {s["name"]: 1.0 for s in sources}
+    return parse_params(raw)
+
+
+def test_files_source_counts_every_bad_document(workdir):
+    lines = [
+        json.dumps({"id": "a", "text": "A fine document about parsing."}).encode(),
+        b'{"id": "b", "text": "bad \xff\xfe utf8"}',
+        json.dumps({"id": "c", "text": "   "}).encode(),
+        json.dumps({"id": "d", "text": "x" * 500}).encode(),
+        json.dumps({"id": "e", "body": "no text field"}).encode(),
+        b"{not json",
+        json.dumps({"id": "a", "text": "same id again"}).encode(),
+        json.dumps({"id": "f", "text": "lone surrogate \ud800 here"}).encode(),
+        json.dumps({"id": "g", "text": "Another fine document."}).encode(),
+    ]
+    (workdir / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    params = params_with([{"name": "mine", "kind": "files", "role": "crawl", "globs": ["*.jsonl"], "id_field": "id"}])
+    params = params.model_copy(update={"collect": params.collect.model_copy(update={"max_chars": 400})})
+    m = run_stage(collect, params)
+    assert m["sources"]["mine"]["docs"] == 2
+    assert m["sources"]["mine"]["dropped"] == {
+        "invalid_utf8": 2, "empty": 1, "too_large": 1, "missing_text_field": 1, "invalid_json": 1, "duplicate_id": 1,
+    }
+    rows = read_docs(workdir / "data/raw/mine")
+    assert [r["id"] for r in rows] == ["mine/a", "mine/g"]
+    assert rows[0]["text"] == "A fine document about parsing."
+
+
+def test_text_and_parquet_files(workdir):
+    (workdir / "docs").mkdir()
+    (workdir / "docs/one.txt").write_text("first document", encoding="utf-8")
+    pq.write_table(pa.table({"body": ["p0", "p1"], "key": ["k0", "k1"]}), workdir / "docs/t.parquet")
+    params = params_with([
+        {"name": "txt", "kind": "files", "role": "reference", "globs": ["docs/*.txt"]},
+        {"name": "pq", "kind": "files", "role": "crawl", "globs": ["docs/*.parquet"], "text_field": "body", "id_field": "key"},
+    ])
+    run_stage(collect, params)
+    assert [r["text"] for r in read_docs(workdir / "data/raw/txt")] == ["first document"]
+    assert [(r["id"], r["text"]) for r in read_docs(workdir / "data/raw/pq")] == [("pq/k0", "p0"), ("pq/k1", "p1")]
+
+
+def test_hf_source_from_local_json_arrives_intact(workdir):
+    recs = [{"uid": f"r{i}", "content": f"Document {i}: naïve café — 東京 ✓", "lang": "xx"} for i in range(5)]
+    (workdir / "local.json").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in recs), encoding="utf-8")
+    params = params_with([{"name": "hfl", "kind": "hf", "role": "reference", "path": "json", "data_files": "local.json",
+                           "text_field": "content", "id_field": "uid", "limit": 4}])
+    m = run_stage(collect, params)
+    rows = read_docs(workdir / "data/raw/hfl")
+    assert m["sources"]["hfl"]["docs"] == 4
+    assert [(r["id"], r["text"]) for r in rows] == [(f"hfl/r{i}", recs[i]["content"]) for i in range(4)]
+    assert json.loads(rows[0]["meta"])["lang"] == "xx"
+
+
+def test_hf_missing_text_field_is_a_clear_error(workdir):
+    (workdir / "local.json").write_text(json.dumps({"body": "x"}) + "\n")
+    params = params_with([{"name": "hfl", "kind": "hf", "role": "reference", "path": "json", "data_files": "local.json"}])
+    with pytest.raises(StageError, match="no field 'text'.*body"):
+        run_stage(collect, params)
+
+
+def test_empty_source_and_missing_files_are_errors(workdir):
+    (workdir / "empty.jsonl").write_text(json.dumps({"text": ""}) + "\n")
+    with pytest.raises(StageError, match="source 'e' yielded no usable document.*empty"):
+        run_stage(collect, params_with([{"name": "e", "kind": "files", "role": "crawl", "globs": ["empty.jsonl"]}]))
+    with pytest.raises(StageError, match="no file matches"):
+        run_stage(collect, params_with([{"name": "m", "kind": "files", "role": "crawl", "globs": ["nope/*.jsonl"]}]))
+    assert not (workdir / "data/raw").exists(), "a failed stage must not leave a partial output"
+
+
+def test_failed_rerun_keeps_previous_output(workdir):
+    (workdir / "ok.jsonl").write_text(json.dumps({"text": "kept"}) + "\n")
+    run_stage(collect, params_with([{"name": "s", "kind": "files", "role": "crawl", "globs": ["ok.jsonl"]}]))
+    with pytest.raises(StageError):
+        run_stage(collect, params_with([{"name": "s", "kind": "files", "role": "crawl", "globs": ["missing.jsonl"]}]))
+    assert [r["text"] for r in read_docs(workdir / "data/raw/s")] == ["kept"]
+
+
+def test_synthetic_crawl_is_deterministic_with_ground_truth():
+    ref = [("ref/x", " ".join(["word"] * 50 + [f"w{i}" for i in range(100)]))]
+    a = list(builtin.synthetic_crawl(200, CrawlMix(), 7, ref))
+    b = list(builtin.synthetic_crawl(200, CrawlMix(), 7, ref))
+    c = list(builtin.synthetic_crawl(200, CrawlMix(), 8, ref))
+    assert a == b and a != c and len(a) == 200
+    kinds = {m["kind"].split(":")[0] for _, _, m in a}
+    assert {"good", "boilerplate", "spam", "garbage", "short", "exact_duplicate", "near_duplicate"} <= kinds
+    for _, text, m in a:
+        assert isinstance(m["is_low_quality"], bool)
+        if m["kind"] == "exact_duplicate":
+            assert m["duplicate_of"]
+    ids = {pid for pid, _, _ in a}
+    texts = {pid: t for pid, t, _ in a}
+    for pid, text, m in a:  # an exact duplicate has its original's text
+        if m["kind"] == "exact_duplicate" and m["duplicate_of"].startswith("@"):
+            assert m["duplicate_of"][1:] in ids and texts[m["duplicate_of"][1:]] == text
+
+
+def test_builtin_python_corpora_are_real_text():
+    docs = list(builtin.python_docs(limit=90))
+    assert len(docs) == 90 and docs[0][0].startswith("topic/") and docs[-1][0].startswith("module/")
+    code = list(builtin.python_code(limit=3, seed=1))
+    assert len(code) == 3 and all(b"def " in c or b"import" in c for _, c, _ in code)
