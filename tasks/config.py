@@ -45,6 +45,13 @@ class Paths(Section):
     tokenizer: str = "models/tokenizer"
     tokens: str = "data/tokens"
     reports: str = "reports"
+    base: str = "models/base"
+    sft: str = "models/sft"
+    preferences: str = "data/preferences"
+    human_preferences: str = "examples/preferences.jsonl"
+    reward: str = "models/reward"
+    rlhf: str = "models/rlhf"
+    checkpoints: str = "checkpoints"
 
 
 # ---------------------------------------------------------------- collect
@@ -216,6 +223,136 @@ class Tokenize(Section):
     batch_docs: Annotated[int, Field(gt=0)] = 1000
 
 
+# ---------------------------------------------------------------- model and training
+class Model(Section):
+    """Transformer size (vocab_size comes from the tokenizer). GPT-2 small: 12 layers,
+    12 heads, d_model 768, max_seq_len 1024."""
+
+    n_layer: Annotated[int, Field(ge=1)] = 4
+    n_head: Annotated[int, Field(ge=1)] = 4
+    d_model: Annotated[int, Field(ge=8)] = 256
+    max_seq_len: Annotated[int, Field(ge=8)] = 256
+    mlp_ratio: Annotated[int, Field(ge=1)] = 4
+    positions: Literal["rope", "learned"] = "rope"
+    tie_embeddings: bool = True
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+
+    @model_validator(mode="after")
+    def _heads(self) -> "Model":
+        if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
+            raise ValueError(f"d_model ({self.d_model}) must split into n_head ({self.n_head}) heads of even size")
+        return self
+
+
+class TrainConfig(Section):
+    """Optimizer, schedule and runtime of one training stage."""
+
+    steps: Annotated[int, Field(ge=1)]
+    batch_size: Annotated[int, Field(ge=1)]
+    grad_accum: Annotated[int, Field(ge=1)] = 1
+    lr: Annotated[float, Field(gt=0)]
+    min_lr_ratio: Fraction = 0.1
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.1
+    beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    beta2: Annotated[float, Field(ge=0, lt=1)] = 0.95
+    grad_clip: Annotated[float, Field(gt=0)] = 1.0
+    eval_every: Annotated[int, Field(ge=1)] = 100
+    eval_batches: Annotated[int, Field(ge=1)] = 8
+    ckpt_every: Annotated[int, Field(ge=1)] = 100
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile, CUDA only
+    peak_tflops: Annotated[float, Field(gt=0)] | None = None  # for MFU; known GPUs are detected
+
+
+class Pretrain(Section):
+    train: TrainConfig
+    seq_len: Annotated[int, Field(ge=8)] | None = None  # None: model.max_seq_len
+    sample_prompts: list[str] = ["def ", "The "]
+    sample_tokens: Annotated[int, Field(ge=1)] = 48
+
+
+class InstructionSource(Section):
+    """Instruction data. builtin `python_qa`: questions about standard-library functions and
+    documentation topics answered by their documentation; `files` / `hf`: records in a
+    common format (messages; prompt/response; instruction/input/output; question/answer)."""
+
+    name: Name
+    kind: Literal["builtin", "files", "hf"]
+    corpus: Literal["python_qa"] | None = None
+    globs: list[str] = []
+    path: str | None = None
+    config_name: str | None = None
+    data_files: str | list[str] | None = None
+    split: str = "train"
+    limit: Annotated[int, Field(gt=0)] | None = None
+
+
+class Instructions(Section):
+    """Prompts are split by a hash of their id, so each stage sees its own prompts (as
+    InstructGPT's separate SFT / RM / PPO prompt sets) and evaluation sees none of them."""
+
+    sources: list[InstructionSource] = Field(min_length=1)
+    split: dict[Literal["sft", "sft_val", "rm", "ppo", "eval"], Annotated[float, Field(ge=0)]] = {
+        "sft": 0.5, "sft_val": 0.05, "rm": 0.2, "ppo": 0.2, "eval": 0.05}
+    max_prompt_tokens: Annotated[int, Field(ge=4)] = 64
+    max_response_tokens: Annotated[int, Field(ge=4)] = 96
+
+
+class SFT(Section):
+    train: TrainConfig
+
+
+class Preferences(Section):
+    labeler: Literal["gold", "file"] = "gold"
+    prompts: Annotated[int, Field(ge=2)] = 200
+    k: Annotated[int, Field(ge=2, le=16)] = 4
+    max_new_tokens: Annotated[int, Field(ge=1)] = 48
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
+    batch_size: Annotated[int, Field(ge=1)] = 32
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.15
+    repetition_penalty: Annotated[float, Field(ge=0)] = 0.5
+    unfinished_penalty: Annotated[float, Field(ge=0)] = 0.3
+
+
+class Reward(Section):
+    train: TrainConfig  # batch_size counts prompts: all C(K,2) pairs of a prompt share a batch
+
+
+class KLControl(Section):
+    beta: Annotated[float, Field(ge=0)] = 0.05
+    adaptive: bool = True
+    target: Annotated[float, Field(gt=0)] = 2.0
+    horizon: Annotated[int, Field(ge=1)] = 1000
+
+
+class PPO(Section):
+    steps: Annotated[int, Field(ge=1)] = 40
+    batch_prompts: Annotated[int, Field(ge=2)] = 16
+    max_new_tokens: Annotated[int, Field(ge=1)] = 32
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    ppo_epochs: Annotated[int, Field(ge=1)] = 2
+    minibatches: Annotated[int, Field(ge=1)] = 2
+    lr: Annotated[float, Field(gt=0)] = 1e-5
+    value_lr: Annotated[float, Field(gt=0)] = 5e-5
+    clip: Annotated[float, Field(gt=0)] = 0.2
+    value_clip: Annotated[float, Field(gt=0)] = 0.2
+    vf_coef: Annotated[float, Field(ge=0)] = 0.5
+    entropy_coef: Annotated[float, Field(ge=0)] = 0.0
+    gamma: Annotated[float, Field(gt=0, le=1)] = 1.0
+    lam: Annotated[float, Field(ge=0, le=1)] = 0.95
+    whiten_advantages: bool = True
+    grad_clip: Annotated[float, Field(gt=0)] = 1.0
+    kl: KLControl = KLControl()
+    ptx_coef: Annotated[float, Field(ge=0)] = 0.0  # PPO-ptx: weight of the pretraining loss
+    ptx_batch: Annotated[int, Field(ge=1)] = 4
+    ckpt_every: Annotated[int, Field(ge=1)] = 10
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+
+
 # ---------------------------------------------------------------- operations
 class MLflow(Section):
     experiment: str = "gpt-pipeline"
@@ -241,6 +378,13 @@ class Params(Section):
     mix: Mix
     tokenizer: Tokenizer = Tokenizer()
     tokenize: Tokenize = Tokenize()
+    model: Model = Model()
+    pretrain: Pretrain
+    instructions: Instructions
+    sft: SFT
+    preferences: Preferences = Preferences()
+    reward: Reward
+    ppo: PPO = PPO()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Params":

@@ -35,8 +35,9 @@ OUTPUTS = ("mix",)
 log = logging.getLogger(STAGE)
 
 
-def is_val(doc_id: str, fraction: float) -> bool:
-    h = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:4], "big")
+def is_val(doc_id: str, fraction: float, salt: str = "") -> bool:
+    """A stable pseudo-random choice by id; `salt` makes it independent of other such splits."""
+    h = int.from_bytes(hashlib.sha256((salt + doc_id).encode()).digest()[:4], "big")
     return h / 2**32 < fraction
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -48,6 +49,9 @@ def main(stage: str, run: RunFn, params_keys: Sequence[str], inputs: Sequence[st
             if not p.exists():
                 raise StageError(f"input '{name}' ({p}) does not exist: run the upstream stage first (dvc repro)")
 
+        if int(os.environ.get("RANK", "0")) > 0:  # DDP worker: rank 0 tracks and writes reports
+            run(params, ins, outs)
+            return 0
         from tasks import tracking
 
         logged = {k: section_dict(params, k) for k in params_keys}
