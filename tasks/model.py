@@ -146,8 +146,10 @@ class GPT(nn.Module):
         B, T = idx.shape
         if positions is None:
             start = cache.length if cache is not None else 0
+            if start + T > self.cfg.max_seq_len:  # plain ints: no graph break under torch.compile
+                raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
             positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
-        if int(positions.max()) >= self.cfg.max_seq_len:
+        elif int(positions.max()) >= self.cfg.max_seq_len:
             raise ValueError(f"sequence of {int(positions.max()) + 1} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
         x = self.tok(idx)
         rope = None

@@ -152,9 +152,11 @@ class Reporter:
         self.first_step: int | None = None
         self.mlflow = None
         if main and mlflow_on:
-            import mlflow
-
-            self.mlflow = mlflow if mlflow.active_run() else None
+            try:
+                import mlflow
+            except ImportError:  # a bare GPU box running the benchmark: progress lines only
+                mlflow = None
+            self.mlflow = mlflow if mlflow is not None and mlflow.active_run() else None
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.main:

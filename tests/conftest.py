@@ -41,6 +41,17 @@ def tiny_raw_params() -> dict:
     by_name["python_code"]["limit"] = 12
     by_name["web_crawl"]["num_docs"] = 300
     raw["tokenizer"]["vocab_size"] = 600
+    # training stages: a one-layer model and a handful of steps
+    raw["model"].update(n_layer=1, n_head=2, d_model=32, max_seq_len=192)
+    small = {"batch_size": 4, "eval_every": 2, "eval_batches": 1, "ckpt_every": 2, "warmup_steps": 0}
+    raw["pretrain"].update(seq_len=64, sample_tokens=8)
+    raw["pretrain"]["train"].update(steps=4, **small)
+    raw["instructions"]["sources"] = [{"name": "python_qa", "kind": "builtin", "corpus": "python_qa", "limit": 300}]
+    raw["sft"]["train"].update(steps=4, **small)
+    # the gold labeler needs a model good enough to avoid ties; end to end uses the human file
+    raw["preferences"].update(labeler="file", val_fraction=0.3, prompts=12, k=2, max_new_tokens=8)
+    raw["reward"]["train"].update(steps=4, **small)
+    raw["ppo"].update(steps=2, batch_prompts=4, max_new_tokens=8, ckpt_every=1)
     return raw
 
 
@@ -74,11 +85,11 @@ def project(tmp_path):
     """A throwaway copy of the project (code, dvc.yaml, tiny params) as its own git + DVC repo."""
     proj = tmp_path / "proj"
     proj.mkdir()
-    for name in ("tasks", "flows"):
+    for name in ("tasks", "flows", "examples"):
         shutil.copytree(REPO / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", proj / "dvc.yaml")
     (proj / "params.yaml").write_text(yaml.safe_dump(tiny_raw_params(), sort_keys=False))
-    (proj / ".gitignore").write_text("mlflow.db\nmlruns/\n__pycache__/\n")
+    (proj / ".gitignore").write_text("mlflow.db\nmlruns/\n__pycache__/\ncheckpoints/\n")
     git(proj, "init", "-q")
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=proj, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=proj, check=True)

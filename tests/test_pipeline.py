@@ -11,7 +11,13 @@ import yaml
 from tests.conftest import dvc
 
 pytestmark = pytest.mark.slow
-STAGES = ["collect", "quality", "dedup", "mix", "tokenizer", "tokenize"]
+STAGES = ["collect", "quality", "dedup", "mix", "tokenizer", "tokenize", "pretrain", "sft", "preferences", "reward", "ppo"]
+
+
+def mlflow_client():
+    import mlflow
+
+    return mlflow.MlflowClient()
 
 
 def ran(output: str) -> list[str]:
@@ -28,6 +34,8 @@ def test_dvc_repro_skip_and_partial_rerun(project):
     first = dvc(project, "repro")
     assert ran(first.stdout) == STAGES
     assert (project / "data/tokens/train.bin").stat().st_size > 0
+    for model in ("base", "sft", "reward", "rlhf"):
+        assert (project / "models" / model / "model.safetensors").is_file()
     again = dvc(project, "repro")
     assert ran(again.stdout) == [] and "up to date" in again.stdout
     subprocess.run(["git", "add", "-A"], cwd=project, check=True)
@@ -38,6 +46,17 @@ def test_dvc_repro_skip_and_partial_rerun(project):
     assert "Stage 'collect' didn't change" in exp.stdout
     metrics = json.loads((project / "reports/quality.json").read_text())
     assert metrics["sources"]["python_docs"]["dropped"]["too_few_words"] > 0
+
+    # every trained model is a registered version linked to its run, with lineage tags
+    client = mlflow_client()
+    for name, parent in (("base", None), ("sft", "base"), ("reward", "sft"), ("rlhf", "sft")):
+        versions = client.search_model_versions(f"name = '{name}'")
+        assert versions, name
+        v = max(versions, key=lambda v: int(v.version))
+        assert v.run_id and client.get_run(v.run_id).data.tags["stage"] == ("pretrain" if name == "base" else "ppo" if name == "rlhf" else name)
+        assert v.tags["git.commit"] != "unknown"
+        if parent:
+            assert v.tags["parent_model"].startswith(f"{parent}/")
 
     # MLflow: one run per executed stage, with its metrics, tagged with commit and input hashes
     import mlflow

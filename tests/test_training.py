@@ -1,0 +1,211 @@
+"""The model and the training stages at tiny sizes, on CPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.config import PPO, TrainConfig
+from tasks.model import GPT, ModelConfig, ScalarModel, generate, load_checkpoint, save_checkpoint
+from tasks.train import train_loop
+
+TINY = ModelConfig(vocab_size=40, n_layer=2, n_head=2, d_model=32, max_seq_len=48)
+
+
+def tiny_train(steps, **kw):
+    return TrainConfig(steps=steps, batch_size=4, lr=kw.pop("lr", 3e-3), warmup_steps=kw.pop("warmup_steps", 0), eval_every=1000, ckpt_every=kw.pop("ckpt_every", 1000), **kw)
+
+
+def test_model_overfits_a_tiny_batch():
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    x = torch.randint(0, 40, (4, 24))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(150):
+        loss = model(x[:, :-1], x[:, 1:])[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(map(lambda v: v == v, losses)), "loss must stay finite"
+    assert losses[-1] < 0.1 * losses[0]
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("positions", ["rope", "learned"])
+def test_kv_cache_and_no_cache_greedy_decoding_match(positions):
+    torch.manual_seed(1)
+    model = GPT(ModelConfig(**{**TINY.__dict__, "positions": positions}))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randint(3, 40, (8, 32))
+    for _ in range(30):  # a little training so the greedy path is not a constant
+        loss = model(x[:, :-1], x[:, 1:])[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    prompts = [x[0, :5].tolist(), x[1, :9].tolist(), x[2, :2].tolist()]
+    cached = generate(model, prompts, 12, pad_id=0, temperature=0, use_cache=True)
+    plain = generate(model, prompts, 12, pad_id=0, temperature=0, use_cache=False)
+    alone = [generate(model, [p], 12, pad_id=0, temperature=0)[0] for p in prompts]
+    assert cached == plain == alone
+    assert len({tuple(c) for c in cached}) > 1
+
+
+def test_generation_stops_at_stop_token_and_samples_with_top_k_top_p():
+    torch.manual_seed(2)
+    model = GPT(TINY)
+    with torch.no_grad():
+        model.head.weight.zero_() if not TINY.tie_embeddings else None
+    out = generate(model, [[1, 2, 3]] * 4, 10, pad_id=0, stop_ids=(7,), temperature=1.0, top_k=5, top_p=0.9,
+                   generator=torch.Generator().manual_seed(0))
+    for seq in out:
+        assert 7 not in seq[:-1] and len(seq) <= 10
+
+
+def test_sft_prompt_tokens_carry_no_loss():
+    from tasks.chat import Template
+    from tasks.sft import masked_batch
+    from tasks.tokenizer import train_bpe
+
+    tok = train_bpe(iter(["What does json.dumps do? It serializes an object to JSON."] * 20), 300, 1)
+    t = Template(tok)
+    ids, mask = t.render([{"role": "user", "content": "What does json.dumps do?"}, {"role": "assistant", "content": "It serializes."}])
+    assert mask.count(True) == len(t.text_ids("It serializes.")) + 1  # the answer and its end of turn
+    assert not any(mask[: ids.index(t.assistant) + 1])
+    x, y, m = masked_batch([(ids, mask)], t.pad)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, d_model=16, max_seq_len=64))
+    base = float(model(x, y, loss_mask=m)[1])
+    y_prompt = y.clone()
+    y_prompt[~m] = 5  # change every target outside the answer
+    assert float(model(x, y_prompt, loss_mask=m)[1]) == pytest.approx(base, abs=1e-6)
+    y_answer = y.clone()
+    y_answer[m] = 5
+    assert float(model(x, y_answer, loss_mask=m)[1]) != pytest.approx(base, abs=1e-3)
+
+
+def test_reward_model_learns_a_planted_preference():
+    from tasks.reward import accuracy, pair_loss
+
+    gen = torch.Generator().manual_seed(0)
+
+    def prompt_group():
+        prompt = torch.randint(10, 40, (6,), generator=gen).tolist()
+        noise = lambda: torch.randint(10, 40, (4,), generator=gen).tolist()  # noqa: E731
+        # K = 3 completions: more 5s is better (rank 0 best)
+        seqs = [prompt + noise() + [5, 5, 5] + [9], prompt + noise() + [5, 6, 6] + [9], prompt + noise() + [6, 6, 6] + [9]]
+        return {"seqs": seqs, "pairs": [(0, 1), (0, 2), (1, 2)]}
+
+    train, val = [prompt_group() for _ in range(64)], [prompt_group() for _ in range(32)]
+    torch.manual_seed(0)
+    model = ScalarModel(TINY)
+    assert accuracy(model, val, pad_id=0) < 0.9
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(80):
+        loss, _ = pair_loss(model, [train[(step * 8 + i) % 64] for i in range(8)], pad_id=0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert accuracy(model, val, pad_id=0) > 0.95
+
+
+def test_ppo_raises_a_planted_reward_with_bounded_kl():
+    from tasks.ppo import ppo_loop
+
+    torch.manual_seed(0)
+    policy = GPT(TINY)
+    ref = GPT(TINY)
+    ref.load_state_dict(policy.state_dict())
+    value = ScalarModel(TINY)
+    target = 7
+
+    def score_fn(prompts, responses, idx):  # planted reward: emit token 7
+        return torch.tensor([sum(t == target for t in r) / max(len(r), 1) for r in responses], dtype=torch.float)
+
+    prompts = [[1, 2, 3 + i % 5] for i in range(32)]
+    cfg = PPO(steps=30, batch_prompts=16, max_new_tokens=8, ppo_epochs=2, minibatches=2, lr=3e-3, value_lr=3e-3,
+              kl={"beta": 0.01, "adaptive": False})
+    hist = ppo_loop(policy, ref, value, score_fn, prompts, cfg, pad_id=0, stop_ids=(), seed=0, device=torch.device("cpu"))
+    start = sum(h["reward_mean"] for h in hist[:5]) / 5
+    end = sum(h["reward_mean"] for h in hist[-5:]) / 5
+    assert end > start + 0.3, (start, end)
+    assert all(abs(h["kl"]) < 50 and h["kl"] == h["kl"] for h in hist)
+    for key in ("clip_fraction", "approx_kl", "value_loss", "entropy", "explained_variance"):
+        assert key in hist[-1]
+
+
+def test_gae_matches_hand_computation():
+    from tasks.ppo import gae
+
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.0, 0.5, 0.5, 0.0]])
+    mask = torch.tensor([[False, True, True, False]])
+    adv = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    # position 2 (last): 1 - 0.5 = 0.5; position 1: 0 + 0.5 - 0.5 + 0.5 = 0.5
+    assert adv.tolist() == [[0.0, 0.5, 0.5, 0.0]]
+
+
+def _pretrain_like(tmp: Path, steps: int, crash_at: int | None = None):
+    data = torch.randint(0, 40, (2000,), generator=torch.Generator().manual_seed(0))
+
+    def batch_fn(step, micro, rank):
+        g = torch.Generator().manual_seed(step * 10 + micro)
+        s = torch.randint(0, 1900, (4,), generator=g)
+        chunk = torch.stack([data[i : i + 17] for i in s.tolist()])
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def crash(step):
+        if crash_at is not None and step == crash_at:
+            raise KeyboardInterrupt("killed")
+
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    return train_loop("t", model, tiny_train(steps, ckpt_every=3, grad_accum=2, warmup_steps=2), batch_fn,
+                      lambda m, b: (m(*b)[1], {}), lambda b: b[0].numel(), tmp, "fp", on_step=crash)
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    straight, hist = _pretrain_like(tmp_path / "a", 8)
+    with pytest.raises(KeyboardInterrupt):
+        _pretrain_like(tmp_path / "b", 8, crash_at=5)  # checkpoint at step 3, killed after step 5
+    assert json.loads((tmp_path / "b/state.json").read_text())["step"] == 3
+    resumed, hist_b = _pretrain_like(tmp_path / "b", 8)
+    assert hist_b["resumed_from"] == 3 and hist["resumed_from"] == 0
+    for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+def test_checkpoints_round_trip_through_safetensors(tmp_path):
+    torch.manual_seed(0)
+    for model in (GPT(TINY), ScalarModel(TINY)):
+        folder = tmp_path / type(model).__name__
+        save_checkpoint(folder, model, None, {"note": "x"})
+        assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+        loaded, info = load_checkpoint(folder)
+        assert type(loaded) is type(model) and info["note"] == "x" and info["num_params"] > 0
+        x = torch.randint(0, 40, (2, 10))
+        a, b = model(x), loaded(x)
+        assert torch.equal(a[0] if isinstance(a, tuple) else a, b[0] if isinstance(b, tuple) else b)
+    rm, _ = load_checkpoint(tmp_path / "GPT", kind="scalar")  # the reward model starts from an LM
+    assert isinstance(rm, ScalarModel)
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "nothing")
+
+
+@pytest.mark.slow
+def test_ddp_with_two_gloo_processes_trains(tmp_path):
+    script = Path(__file__).with_name("ddp_worker.py")
+    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531", str(script)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert out[0]["world_size"] == 2
+    assert out[0]["param_sum"] == out[1]["param_sum"], "replicas must stay identical"
+    assert out[0]["last_loss"] < out[0]["first_loss"]
