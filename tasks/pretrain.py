@@ -109,11 +109,11 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     final_val = hist["evals"][-1]["val_loss"]
     metrics = {
         "val_loss": final_val,
-        "train_loss": hist["final"]["loss"],
+        "train_loss": hist["final"].get("loss"),
         "first_train_loss": hist["first_loss"],
         "unigram_entropy": entropy,
         "val_loss_below_unigram": entropy - final_val,
-        "tokens_per_s": hist["final"]["tokens_per_s"],
+        "tokens_per_s": hist["final"].get("tokens_per_s"),
         "tokens_seen": tc.steps * tc.batch_size * tc.grad_accum * seq_len * hist["world_size"],
         "num_params": model.num_params(),
         "flops_per_token": model.flops_per_token(seq_len),

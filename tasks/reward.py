@@ -125,7 +125,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     tags = {**tracking.git_commit(), **tracking.input_hashes(inputs), "stage": STAGE, "parent_model": f"sft/{registry.latest_version('sft')}"}
     return {
         "val_accuracy": val_acc, "val_accuracy_before": initial, "train_accuracy": accuracy(model, train, t.pad),
-        "train_loss": hist["final"]["loss"], "first_train_loss": hist["first_loss"],
+        "train_loss": hist["final"].get("loss"), "first_train_loss": hist["first_loss"],
         "train_prompts": len(train), "val_prompts": len(val),
         "val_pairs": sum(len(p["pairs"]) for p in val), **stats,
         "steps": tc.steps, "resumed_from": hist["resumed_from"],

@@ -110,7 +110,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     return {
         "val_loss": final_val,
         "val_loss_before": initial_val,
-        "train_loss": hist["final"]["loss"],
+        "train_loss": hist["final"].get("loss"),
         "train_examples": len(train), "val_examples": len(val), "dropped_too_long": dropped + val_dropped,
         "steps": tc.steps, "resumed_from": hist["resumed_from"],
         "registered_version": registry.register_checkpoint("sft", outputs["sft"], tags),

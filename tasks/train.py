@@ -251,11 +251,23 @@ def train_loop(
             on_step(step + 1)
     if rt.main and cfg.steps > start:
         save_resume(resume_dir, model, opt, cfg.steps, fingerprint)
+    if eval_fn is not None and not history["evals"]:  # resumed from a finished run: still report
+        model.eval()
+        with torch.no_grad(), rt.autocast:
+            history["evals"].append({"step": cfg.steps, **eval_fn(unwrap(model), cfg.steps - 1)})
     history.update({"final": last, "steps": cfg.steps, "resumed_from": start, "world_size": rt.world, "dtype": rt.dtype_name, "device": str(rt.device)})
     return unwrap(model), history
 
 
 def fingerprint_of(*parts: Any) -> str:
+    """What a resume checkpoint must match: params, inputs and the training code itself
+    (this file, the model and the calling stage), so changed code never reuses old weights."""
     import hashlib
+    import inspect
 
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    caller = inspect.stack()[1].filename
+    code = [Path(f).read_bytes().hex() for f in (__file__, Path(__file__).with_name("model.py"), caller) if Path(f).is_file()]
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+    for c in code:
+        digest.update(c.encode())
+    return digest.hexdigest()[:16]

@@ -209,3 +209,19 @@ def test_ddp_with_two_gloo_processes_trains(tmp_path):
     assert out[0]["world_size"] == 2
     assert out[0]["param_sum"] == out[1]["param_sum"], "replicas must stay identical"
     assert out[0]["last_loss"] < out[0]["first_loss"]
+
+
+def test_rerun_after_a_finished_run_reports_without_retraining(tmp_path):
+    from tasks.train import train_loop as loop
+
+    def run_once():
+        torch.manual_seed(0)
+        model = GPT(TINY)
+        x = torch.randint(0, 40, (4, 17), generator=torch.Generator().manual_seed(0))
+        return loop("t", model, tiny_train(3), lambda s, m, r: (x[:, :-1], x[:, 1:]), lambda m, b: (m(*b)[1], {}),
+                    lambda b: b[0].numel(), tmp_path / "ck", "fp", eval_fn=lambda m, s: {"val_loss": float(m(x[:, :-1], x[:, 1:])[1])})
+
+    first_model, first = run_once()
+    again_model, again = run_once()
+    assert again["resumed_from"] == 3 and again["evals"] and again["evals"][-1]["val_loss"] == pytest.approx(first["evals"][-1]["val_loss"])
+    assert all(torch.equal(a, b) for a, b in zip(first_model.state_dict().values(), again_model.state_dict().values()))
