@@ -106,7 +106,7 @@ def ppo_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cf
              ptx_fn: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
              on_iter: Callable[[int, dict, list[list[int]], list[int]], None] | None = None) -> list[dict]:
     from tasks.model import generate
-    from tasks.train import make_optimizer
+    from tasks.train import make_optimizer, seeded
 
     ref.eval()
     for p in ref.parameters():
@@ -117,7 +117,7 @@ def ppo_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cf
     start = _load_state(resume_dir, policy, value, opt_pi, opt_v, kl_ctl, fingerprint) if resume_dir else 0
     history: list[dict] = []
     for it in range(start, cfg.steps):
-        gen = torch.Generator().manual_seed(hash((seed, it)) & 0x7FFF_FFFF_FFFF)
+        gen = seeded(seed, it)
         idx = torch.randperm(len(prompts), generator=gen)[: cfg.batch_prompts].tolist()
         batch_prompts = [prompts[i] for i in idx]
 
@@ -245,7 +245,8 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     from tasks.chat import Template
     from tasks.judge import gold_score
     from tasks.model import load_checkpoint, save_checkpoint
-    from tasks.pretrain import seeded, token_files, windows
+    from tasks.pretrain import token_files, windows
+    from tasks.train import seeded
     from tasks.reward import rewards_of
     from tasks.tokenizer import load_tokenizer
     from tasks.train import Reporter, Runtime, fingerprint_of

@@ -21,6 +21,7 @@ import torch
 from tasks.config import Params
 from tasks.model import GPT, ModelConfig
 from tasks.storage import StageError, atomic_dir
+from tasks.train import seeded
 
 STAGE = "pretrain"
 PARAMS = ("seed", "model", "pretrain")
@@ -44,10 +45,6 @@ def windows(data: np.ndarray, batch: int, seq_len: int, gen: torch.Generator) ->
     starts = torch.randint(0, len(data) - seq_len - 1, (batch,), generator=gen).tolist()
     chunk = torch.from_numpy(np.stack([data[s : s + seq_len + 1].astype(np.int64) for s in starts]))
     return chunk[:, :-1], chunk[:, 1:]
-
-
-def seeded(*parts: int) -> torch.Generator:
-    return torch.Generator().manual_seed(hash(parts) & 0x7FFF_FFFF_FFFF)
 
 
 def unigram_entropy(data: np.ndarray, vocab: int) -> float:

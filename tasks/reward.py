@@ -89,7 +89,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     from tasks.chat import Template
     from tasks.model import load_checkpoint, save_checkpoint
     from tasks.tokenizer import load_tokenizer
-    from tasks.train import fingerprint_of, train_loop
+    from tasks.train import fingerprint_of, seeded, train_loop
 
     tc = params.reward.train
     model, info = load_checkpoint(inputs["sft"], kind="scalar")
@@ -100,7 +100,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
         raise StageError(f"no untied preference pairs (train prompts {len(train)}, val prompts {len(val)})")
 
     def batch_fn(step: int, micro: int, rank: int):
-        gen = torch.Generator().manual_seed(hash((params.seed, step, micro, rank)) & 0x7FFF_FFFF_FFFF)
+        gen = seeded(params.seed, step, micro, rank)
         return [train[i] for i in torch.randint(0, len(train), (tc.batch_size,), generator=gen).tolist()]
 
     def loss_fn(m, batch):

@@ -57,7 +57,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     from tasks.chat import Template, complete
     from tasks.model import load_checkpoint, save_checkpoint
     from tasks.tokenizer import load_tokenizer
-    from tasks.train import fingerprint_of, train_loop
+    from tasks.train import fingerprint_of, seeded, train_loop
 
     cfg, ic = params.sft, params.instructions
     model, info = load_checkpoint(inputs["base"])
@@ -71,7 +71,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     tc = cfg.train
 
     def batch_fn(step: int, micro: int, rank: int):
-        gen = torch.Generator().manual_seed(hash((params.seed, step, micro, rank)) & 0x7FFF_FFFF_FFFF)
+        gen = seeded(params.seed, step, micro, rank)
         idx = torch.randint(0, len(train), (tc.batch_size,), generator=gen).tolist()
         return masked_batch([train[i] for i in idx], t.pad)
 

@@ -259,6 +259,12 @@ def train_loop(
     return unwrap(model), history
 
 
+def seeded(*parts: int) -> torch.Generator:
+    """A generator seeded by integers (seed, step, micro-batch, rank, ...): the data a step
+    sees depends on nothing else, which is what makes resumed runs repeat unbroken ones."""
+    return torch.Generator().manual_seed(hash(parts) & 0x7FFF_FFFF_FFFF)  # int tuples hash stably
+
+
 def fingerprint_of(*parts: Any) -> str:
     """What a resume checkpoint must match: params, inputs and the training code itself
     (this file, the model and the calling stage), so changed code never reuses old weights."""
