@@ -14,6 +14,7 @@ embedded ephemeral API; see flows/serve.py for a scheduled deployment.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import yaml
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from tasks.config import load_params
@@ -59,11 +60,15 @@ def run_stage(stage: str, project: str, reports: str, parent_run_id: str | None)
         tail = "\n".join(lines[-15:])
         raise RuntimeError(f"stage '{stage}' failed (dvc exit code {proc.returncode}):\n{tail}")
     ran = not any("didn't change, skipping" in ln for ln in lines)
-    metrics_file = Path(project) / reports / f"{stage}.json"
+    report = getattr(importlib.import_module(f"tasks.{stage}"), "REPORT", stage)  # evaluate writes reports/eval.*
+    metrics_file = Path(project) / reports / f"{report}.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     rows = [{"metric": k, "value": v} for k, v in flatten(metrics).items()]
     if rows:
         create_table_artifact(key=f"{stage}-metrics", table=rows, description=f"Metrics of stage '{stage}' ({'ran' if ran else 'up to date, skipped'})")
+    md = metrics_file.with_suffix(".md")
+    if md.is_file():
+        create_markdown_artifact(key=f"{stage}-report", markdown=md.read_text(), description=f"Report of stage '{stage}'")
     return {"stage": stage, "ran": ran, "metrics": metrics}
 
 

@@ -1,4 +1,7 @@
-"""The chat template shared by SFT, preferences, reward, PPO and inference.
+"""The chat template shared by SFT, preferences, reward, PPO and inference, and `chat`.
+
+    python -m tasks.chat --model models:/rlhf@champion        # talk to a registered model
+    python -m tasks.chat --checkpoint models/sft --prompt "What does `len` do?"
 
 A conversation is `<|endoftext|>` then, per message, `<|user|>` text `<|end_of_turn|>` or
 `<|assistant|>` text `<|end_of_turn|>`. For training, only assistant tokens (their text and
@@ -63,3 +66,73 @@ def complete(model, tok, prompts: list[str], chat: bool, max_new_tokens: int = 6
     gen = torch.Generator().manual_seed(seed)
     out = generate(model, ids, max_new_tokens, pad_id=t.pad, stop_ids=(t.end_turn, t.eot), temperature=temperature, top_p=top_p, generator=gen)
     return [t.decode(o) for o in out]
+
+
+def load_for_chat(model_uri: str | None, checkpoint: str | None):
+    """(model, tokenizer, is_chat) from a registered model URI or a local checkpoint folder."""
+    from tokenizers import Tokenizer
+
+    from tasks.model import load_checkpoint
+
+    if model_uri:
+        import mlflow
+
+        from tasks import registry
+        from tasks.tracking import tracking_uri
+
+        mlflow.set_tracking_uri(tracking_uri())
+        folder = registry.download_checkpoint(model_uri)
+    else:
+        from pathlib import Path
+
+        folder = Path(checkpoint)
+    model, info = load_checkpoint(folder)
+    if info["kind"] != "lm":
+        raise ValueError(f"{model_uri or checkpoint} is a {info['kind']} model (a reward model), not a language model")
+    return model.eval(), Tokenizer.from_file(str(folder / "tokenizer.json")), bool(info.get("chat", False))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m tasks.chat", description="Talk to a trained model.")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="registered model URI, e.g. models:/rlhf@champion or models:/sft/2")
+    src.add_argument("--checkpoint", help="local checkpoint folder, e.g. models/rlhf")
+    ap.add_argument("--prompt", action="append", help="answer this prompt and exit (repeatable)")
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    try:
+        model, tok, is_chat = load_for_chat(args.model, args.checkpoint)
+    except Exception as err:  # a wrong URI or folder: say so plainly
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    def answer(text: str, seed: int) -> str:
+        return complete(model, tok, [text], chat=is_chat, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_p=args.top_p, seed=seed)[0]
+
+    if args.prompt:
+        for i, p in enumerate(args.prompt):
+            print(answer(p, args.seed + i))
+        return 0
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"{'chat' if is_chat else 'completion'} model loaded; empty line or Ctrl-D to quit")
+    turn = 0
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or not line.strip():
+            return 0
+        print(answer(line.strip(), args.seed + turn), flush=True)
+        turn += 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

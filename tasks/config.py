@@ -353,6 +353,28 @@ class PPO(Section):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
 
+class Promotion(Section):
+    """When the candidate (the newest version of `model`) beats the current `champion` on
+    `metric` by at least `min_margin` (re-measured on this run's evaluation prompts), the
+    alias moves; otherwise the candidate becomes `challenger`."""
+
+    model: Literal["rlhf", "sft"] = "rlhf"
+    metric: Literal["win_rate_vs_sft_rm", "win_rate_vs_sft_gold", "rm_score", "gold_score"] = "win_rate_vs_sft_rm"
+    min_margin: Annotated[float, Field(ge=0)] = 0.0
+
+
+class Evaluate(Section):
+    prompts: Annotated[int, Field(ge=2)] = 64
+    samples_per_prompt: Annotated[int, Field(ge=2)] = 2  # >= 2 to measure self-similarity
+    max_new_tokens: Annotated[int, Field(ge=1)] = 48
+    temperature: Annotated[float, Field(gt=0)] = 0.7
+    top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
+    few_shot: Annotated[int, Field(ge=0)] = 3  # examples in the base model's document-style prompt
+    val_batches: Annotated[int, Field(ge=1)] = 8
+    samples_in_report: Annotated[int, Field(ge=0)] = 5
+    promotion: Promotion = Promotion()
+
+
 # ---------------------------------------------------------------- operations
 class MLflow(Section):
     experiment: str = "gpt-pipeline"
@@ -385,6 +407,7 @@ class Params(Section):
     preferences: Preferences = Preferences()
     reward: Reward
     ppo: PPO = PPO()
+    evaluate: Evaluate = Evaluate()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Params":

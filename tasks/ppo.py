@@ -303,7 +303,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     first, last = hist[:k], hist[-k:]
     mean_of = lambda rows, key: float(np.nanmean([r.get(key, float("nan")) for r in rows]))  # noqa: E731
     tags = {**tracking.git_commit(), **tracking.input_hashes(inputs), "stage": STAGE,
-            "parent_model": f"sft/{registry.latest_version('sft')}", "reward_model": f"reward/{registry.latest_version('reward')}"}
+            "parent_model": f"sft/{registry.version_of('sft', inputs['sft'])}", "reward_model": f"reward/{registry.version_of('reward', inputs['reward'])}"}
     metrics: dict[str, Any] = {f"{key}_{when}": mean_of(rows, key) for key in ("reward_mean", "kl", "gold_score", "entropy", "response_length")
                                for when, rows in (("start", first), ("end", last))}
     metrics.update(final_beta=hist[-1]["beta"] if hist else cfg.kl.beta, iterations=cfg.steps, prompts=len(prompts))

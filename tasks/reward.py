@@ -122,7 +122,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     val_acc = hist["evals"][-1]["val_accuracy"]
     with atomic_dir(outputs["reward"]) as out:
         save_checkpoint(out, model, inputs["sft"], {"stage": STAGE, "val_accuracy": val_acc, **stats})
-    tags = {**tracking.git_commit(), **tracking.input_hashes(inputs), "stage": STAGE, "parent_model": f"sft/{registry.latest_version('sft')}"}
+    tags = {**tracking.git_commit(), **tracking.input_hashes(inputs), "stage": STAGE, "parent_model": f"sft/{registry.version_of('sft', inputs['sft'])}"}
     return {
         "val_accuracy": val_acc, "val_accuracy_before": initial, "train_accuracy": accuracy(model, train, t.pad),
         "train_loss": hist["final"].get("loss"), "first_train_loss": hist["first_loss"],

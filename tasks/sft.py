@@ -106,7 +106,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     final_val = hist["evals"][-1]["val_loss"]
     with atomic_dir(outputs["sft"]) as out:
         save_checkpoint(out, model, inputs["base"], {"stage": STAGE, "chat": True, "val_loss": final_val})
-    tags = {**tracking.git_commit(), **tracking.input_hashes(inputs), "stage": STAGE, "parent_model": f"base/{registry.latest_version('base')}"}
+    tags = {**tracking.git_commit(), **tracking.input_hashes(inputs), "stage": STAGE, "parent_model": f"base/{registry.version_of('base', inputs['base'])}"}
     return {
         "val_loss": final_val,
         "val_loss_before": initial_val,

@@ -31,11 +31,15 @@ def resolve(params: Params, keys: Sequence[str]) -> dict[str, Path]:
     return {k: Path(getattr(params.paths, k)) for k in keys}
 
 
-def metrics_path(params: Params, stage: str) -> Path:
-    return Path(params.paths.reports) / f"{stage}.json"
+def metrics_path(params: Params, report: str) -> Path:
+    return Path(params.paths.reports) / f"{report}.json"
 
 
-def main(stage: str, run: RunFn, params_keys: Sequence[str], inputs: Sequence[str], outputs: Sequence[str], argv: Sequence[str] | None = None) -> int:
+def main(stage: str, run: RunFn, params_keys: Sequence[str], inputs: Sequence[str], outputs: Sequence[str],
+         argv: Sequence[str] | None = None, report: str | None = None) -> int:
+    """`report` names the stage's report files (default: the stage name): reports/<report>.json
+    is the DVC metrics file; reports/<report>.md and reports/<report>_* go to MLflow too."""
+    report_name = report or stage
     parser = argparse.ArgumentParser(prog=f"python -m tasks.{stage}", description=f"Run the '{stage}' stage.")
     parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     args = parser.parse_args(argv)
@@ -62,10 +66,10 @@ def main(stage: str, run: RunFn, params_keys: Sequence[str], inputs: Sequence[st
             t0 = time.time()
             metrics = run(params, ins, outs)
             metrics["seconds"] = round(time.time() - t0, 2)
-            report = metrics_path(params, stage)
+            report = metrics_path(params, report_name)
             write_json(report, metrics)
             tracking.log_metrics(metrics)
-            for f in [report, *sorted(report.parent.glob(f"{stage}_*"))]:
+            for f in [report, report.with_suffix(".md"), *sorted(report.parent.glob(f"{report_name}_*"))]:
                 tracking.log_artifact(f, "reports")
         log.info("done in %.1f s; metrics in %s", metrics["seconds"], report)
         return 0

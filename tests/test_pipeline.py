@@ -11,7 +11,7 @@ import yaml
 from tests.conftest import dvc
 
 pytestmark = pytest.mark.slow
-STAGES = ["collect", "quality", "dedup", "mix", "tokenizer", "tokenize", "pretrain", "sft", "preferences", "reward", "ppo"]
+STAGES = ["collect", "quality", "dedup", "mix", "tokenizer", "tokenize", "pretrain", "sft", "preferences", "reward", "ppo", "evaluate"]
 
 
 def mlflow_client():
@@ -36,6 +36,19 @@ def test_dvc_repro_skip_and_partial_rerun(project):
     assert (project / "data/tokens/train.bin").stat().st_size > 0
     for model in ("base", "sft", "reward", "rlhf"):
         assert (project / "models" / model / "model.safetensors").is_file()
+    # the report shows the three models side by side, and the first RLHF version is champion
+    report = json.loads((project / "reports/eval.json").read_text())
+    for m in ("base", "sft", "rlhf"):
+        for key in ("val_perplexity", "sft_val_loss", "rm_score", "gold_score", "distinct_1", "distinct_2",
+                    "mean_token_entropy", "self_similarity", "response_length", "finished_share"):
+            assert key in report["models"][m], (m, key)
+    assert "win_rate_vs_sft_rm" in report["models"]["rlhf"] and "win_rate_vs_sft_rm" not in report["models"]["sft"]
+    assert report["promotion"]["decision"] == "champion"
+    md = (project / "reports/eval.md").read_text()
+    assert "| metric | base | sft | rlhf |" in md and "## Samples" in md and "**Promotion**" in md
+    assert {p.name for p in (project / "reports/eval_plots").iterdir()} == {"training_curves.png", "ppo_reward_vs_kl.png", "score_distributions.png"}
+    assert mlflow_client().get_model_version_by_alias("rlhf", "champion").version == report["promotion"]["candidate_version"]
+
     again = dvc(project, "repro")
     assert ran(again.stdout) == [] and "up to date" in again.stdout
     subprocess.run(["git", "add", "-A"], cwd=project, check=True)
