@@ -68,7 +68,8 @@ def main(stage: str, run: RunFn, params_keys: Sequence[str], inputs: Sequence[st
             metrics["seconds"] = round(time.time() - t0, 2)
             report = metrics_path(params, report_name)
             write_json(report, metrics)
-            tracking.log_metrics(metrics)
+            # training stages logged a history per step; their summary goes at the last step
+            tracking.log_metrics(metrics, step=int(metrics.get("steps") or metrics.get("iterations") or 0))
             for f in [report, report.with_suffix(".md"), *sorted(report.parent.glob(f"{report_name}_*"))]:
                 tracking.log_artifact(f, "reports")
         log.info("done in %.1f s; metrics in %s", metrics["seconds"], report)
