@@ -92,6 +92,8 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     from tasks.train import fingerprint_of, seeded, train_loop
 
     tc = params.reward.train
+    # the scalar head starts random: seed before it is built, or two runs train different models
+    torch.manual_seed(params.seed)
     model, info = load_checkpoint(inputs["sft"], kind="scalar")
     t = Template(load_tokenizer(inputs["sft"]))
     train = load_prompts(inputs["preferences"] / "train.jsonl", t, model.cfg.max_seq_len)
