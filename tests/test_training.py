@@ -81,13 +81,13 @@ def test_sft_prompt_tokens_carry_no_loss():
     x, y, m = masked_batch([(ids, mask)], t.pad)
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, d_model=16, max_seq_len=64))
-    base = float(model(x, y, loss_mask=m)[1])
+    base = model(x, y, loss_mask=m)[1].item()
     y_prompt = y.clone()
     y_prompt[~m] = 5  # change every target outside the answer
-    assert float(model(x, y_prompt, loss_mask=m)[1]) == pytest.approx(base, abs=1e-6)
+    assert model(x, y_prompt, loss_mask=m)[1].item() == pytest.approx(base, abs=1e-6)
     y_answer = y.clone()
     y_answer[m] = 5
-    assert float(model(x, y_answer, loss_mask=m)[1]) != pytest.approx(base, abs=1e-3)
+    assert model(x, y_answer, loss_mask=m)[1].item() != pytest.approx(base, abs=1e-3)
 
 
 def test_reward_model_learns_a_planted_preference():
