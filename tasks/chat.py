@@ -68,7 +68,7 @@ def complete(model, tok, prompts: list[str], chat: bool, max_new_tokens: int = 6
     return [t.decode(o) for o in out]
 
 
-def load_for_chat(model_uri: str | None, checkpoint: str | None):
+def load_for_chat(model_uri: str | None, checkpoint: str | None, device: str = "cpu"):
     """(model, tokenizer, is_chat) from a registered model URI or a local checkpoint folder."""
     from tokenizers import Tokenizer
 
@@ -86,7 +86,7 @@ def load_for_chat(model_uri: str | None, checkpoint: str | None):
         from pathlib import Path
 
         folder = Path(checkpoint)
-    model, info = load_checkpoint(folder)
+    model, info = load_checkpoint(folder, device)
     if info["kind"] != "lm":
         raise ValueError(f"{model_uri or checkpoint} is a {info['kind']} model (a reward model), not a language model")
     return model.eval(), Tokenizer.from_file(str(folder / "tokenizer.json")), bool(info.get("chat", False))
@@ -105,9 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
     args = ap.parse_args(argv)
     try:
-        model, tok, is_chat = load_for_chat(args.model, args.checkpoint)
+        import torch
+
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        model, tok, is_chat = load_for_chat(args.model, args.checkpoint, device)
     except Exception as err:  # a wrong URI or folder: say so plainly
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -315,6 +315,8 @@ class Preferences(Section):
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.15
     repetition_penalty: Annotated[float, Field(ge=0)] = 0.5
     unfinished_penalty: Annotated[float, Field(ge=0)] = 0.3
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # where the gold labeler's samples are drawn
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
 
 class Reward(Section):
@@ -373,6 +375,8 @@ class Evaluate(Section):
     val_batches: Annotated[int, Field(ge=1)] = 8
     samples_in_report: Annotated[int, Field(ge=0)] = 5
     promotion: Promotion = Promotion()
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
 
 # ---------------------------------------------------------------- operations

@@ -83,8 +83,9 @@ def decide(candidate: float, champion: float | None, min_margin: float) -> tuple
 class Evaluator:
     """Generates and scores completions of the evaluation prompts for any chat or base model."""
 
-    def __init__(self, params: Params, template, scorer, rm_stats: dict, examples: list[dict], shots: list[dict]):
+    def __init__(self, params: Params, template, scorer, rm_stats: dict, examples: list[dict], shots: list[dict], autocast):
         self.p, self.t, self.scorer, self.rm_stats, self.examples = params.evaluate, template, scorer, rm_stats, examples
+        self.autocast = autocast
         self.pp = params.preferences
         self.seed = params.seed
         prefix = "".join(f"Q: {ex['messages'][0]['content']}\nA: {ex['messages'][1]['content']}\n\n" for ex in shots)
@@ -105,8 +106,9 @@ class Evaluator:
         prompts = [p[-limit:] for p in prompts]
         rows = [p for p in prompts for _ in range(k)]
         gen = torch.Generator().manual_seed(self.seed)
-        outs = generate(model, rows, self.p.max_new_tokens, pad_id=t.pad, stop_ids=(t.end_turn, t.eot),
-                        temperature=self.p.temperature, top_p=self.p.top_p, generator=gen)
+        with self.autocast:
+            outs = generate(model, rows, self.p.max_new_tokens, pad_id=t.pad, stop_ids=(t.end_turn, t.eot),
+                            temperature=self.p.temperature, top_p=self.p.top_p, generator=gen)
         texts, finished, comp_ids = [], [], []
         for o in outs:
             text = t.decode(o)
@@ -118,7 +120,7 @@ class Evaluator:
             texts.append(text.strip())
             finished.append(done)
             comp_ids.append(t.text_ids(text.strip()) + ([t.end_turn] if done else []))
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast:
             x, mask = sequences(rows, [o if o else [t.pad] for o in outs], t.pad, next(model.parameters()).device)
             _, ent = token_logprobs(model, x)
             entropy = float((ent * mask).sum() / mask.sum().clamp(min=1))
@@ -159,7 +161,8 @@ def val_perplexity(model, tokens_dir: Path, batches: int, seed: int) -> float:
 
     _, val, _ = token_files(tokens_dir)
     T = min(model.cfg.max_seq_len, len(val) - 2)
-    losses = [float(model(*windows(val, 8, T, seeded(seed, -1, i)))[1]) for i in range(batches)]
+    dev = next(model.parameters()).device
+    losses = [float(model(*(w.to(dev) for w in windows(val, 8, T, seeded(seed, -1, i))))[1]) for i in range(batches)]
     return float(math.exp(np.mean(losses)))
 
 
@@ -171,7 +174,7 @@ def sft_val_loss(model, template, examples: list[dict], params: Params) -> float
     items, _ = encode_examples(examples, template, ic.max_prompt_tokens, ic.max_response_tokens, model.cfg.max_seq_len)
     total = count = 0.0
     for i in range(0, len(items), 16):
-        x, y, m = masked_batch(items[i : i + 16], template.pad)
+        x, y, m = (v.to(next(model.parameters()).device) for v in masked_batch(items[i : i + 16], template.pad))
         n = float(m.sum())
         total += float(model(x, y, loss_mask=m)[1]) * n
         count += n
@@ -280,6 +283,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     from tasks.chat import Template
     from tasks.model import load_checkpoint
     from tasks.tokenizer import load_tokenizer
+    from tasks.train import Runtime
 
     cfg = params.evaluate
     t = Template(load_tokenizer(inputs["sft"]))
@@ -288,18 +292,20 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     examples = [ex for ex in splits["eval"] if len(t.prompt(ex["messages"][0]["content"])) <= params.instructions.max_prompt_tokens][: cfg.prompts]
     if len(examples) < 2:
         raise StageError("fewer than 2 usable prompts in the 'eval' split: widen instructions.split.eval")
-    scorer, rm_info = load_checkpoint(inputs["reward"])
+    rt = Runtime(cfg)
+    scorer, rm_info = load_checkpoint(inputs["reward"], rt.device)
     scorer.eval()
-    ev = Evaluator(params, t, scorer, rm_info, examples, splits["sft"][: cfg.few_shot])
-    models = {name: load_checkpoint(inputs[name])[0].eval() for name in MODELS}
+    ev = Evaluator(params, t, scorer, rm_info, examples, splits["sft"][: cfg.few_shot], rt.autocast)
+    models = {name: load_checkpoint(inputs[name], rt.device)[0].eval() for name in MODELS}
     # 2-3. generate and score
     outs = {name: ev.run(models[name], chat=name != "base") for name in MODELS}
     # 4. metrics
     metrics: dict[str, Any] = {"models": {}, "prompts": len(examples), "samples_per_prompt": cfg.samples_per_prompt}
     for name in MODELS:
         m = ev.summary(outs[name], outs["sft"] if name != "sft" else None)
-        m["val_perplexity"] = val_perplexity(models[name], inputs["tokens"], cfg.val_batches, params.seed)
-        m["sft_val_loss"] = sft_val_loss(models[name], t, splits["sft_val"], params)
+        with rt.autocast:
+            m["val_perplexity"] = val_perplexity(models[name], inputs["tokens"], cfg.val_batches, params.seed)
+            m["sft_val_loss"] = sft_val_loss(models[name], t, splits["sft_val"], params)
         metrics["models"][name] = m
     # 6. registry: tags and the promotion decision (5. report follows, so it can state it)
     pr = cfg.promotion
@@ -312,7 +318,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     champion_version = registry.alias_version(pr.model, "champion")
     champion_value = None
     if champion_version is not None and champion_version != candidate_version:
-        champ_model = load_checkpoint(registry.download_checkpoint(f"models:/{pr.model}/{champion_version}"))[0].eval()
+        champ_model = load_checkpoint(registry.download_checkpoint(f"models:/{pr.model}/{champion_version}"), rt.device)[0].eval()
         champ_out = ev.run(champ_model, chat=True)
         champion_value = ev.summary(champ_out, outs["sft"])[pr.metric]
     if candidate_version is None:

@@ -21,6 +21,7 @@ entropy, clip fraction, approx KL, value loss, explained variance, response leng
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -104,7 +105,10 @@ class KLController:
 def ppo_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cfg: PPO, *, pad_id: int,
              stop_ids: tuple[int, ...], seed: int, device, resume_dir: Path | None = None, fingerprint: str = "",
              ptx_fn: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
-             on_iter: Callable[[int, dict, list[list[int]], list[int]], None] | None = None) -> list[dict]:
+             on_iter: Callable[[int, dict, list[list[int]], list[int]], None] | None = None,
+             autocast: contextlib.AbstractContextManager = contextlib.nullcontext()) -> list[dict]:
+    """`autocast`: the forward passes run under it (bf16 on CUDA); losses, advantages and
+    the backward pass stay in fp32."""
     from tasks.model import generate
     from tasks.train import make_optimizer, seeded
 
@@ -123,23 +127,25 @@ def ppo_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cf
 
         # 1. rollout
         policy.eval()  # dropout off while sampling and scoring
-        responses = generate(policy, batch_prompts, cfg.max_new_tokens, pad_id=pad_id, stop_ids=stop_ids,
-                             temperature=cfg.temperature, generator=gen)
+        with autocast:
+            responses = generate(policy, batch_prompts, cfg.max_new_tokens, pad_id=pad_id, stop_ids=stop_ids,
+                                 temperature=cfg.temperature, generator=gen)
         responses = [r if r else [pad_id] for r in responses]
         x, mask = sequences(batch_prompts, responses, pad_id, device)
         m = mask.float()
         with torch.no_grad():
             # 2. score
-            scores = score_fn(batch_prompts, responses, idx).to(device).float()
+            with autocast:
+                scores = score_fn(batch_prompts, responses, idx).to(device).float()
+                old_logp, _ = token_logprobs(policy, x)
+                ref_logp, _ = token_logprobs(ref, x)
+                old_values = value(x)[:, :-1].float() * m
             # 3. KL
-            old_logp, _ = token_logprobs(policy, x)
-            ref_logp, _ = token_logprobs(ref, x)
             kl = (old_logp - ref_logp) * m
             rewards = -kl_ctl.beta * kl
             last = (mask.long().cumsum(1) == mask.sum(1, keepdim=True)) & mask  # last response position
             rewards = rewards + last.float() * scores[:, None]
             # 4. advantages
-            old_values = value(x)[:, :-1] * m
             adv = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
             returns = adv + old_values
             if cfg.whiten_advantages:
@@ -156,7 +162,9 @@ def ppo_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cf
             for s in range(0, B, mb):
                 sel = order[s : s + mb]
                 xs, ms = x[sel], m[sel]
-                logp, ent = token_logprobs(policy, xs)
+                with autocast:
+                    logp, ent = token_logprobs(policy, xs)
+                    v = value(xs)[:, :-1].float()
                 ratio = torch.exp(logp - old_logp[sel])
                 pg = torch.max(-adv[sel] * ratio, -adv[sel] * ratio.clamp(1 - cfg.clip, 1 + cfg.clip))
                 policy_loss = masked_mean(pg, ms)
@@ -164,10 +172,10 @@ def ppo_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cf
                 loss_pi = policy_loss - cfg.entropy_coef * entropy
                 if ptx_fn is not None and cfg.ptx_coef > 0:  # PPO-ptx: keep the pretraining distribution
                     px, py = ptx_fn(it * 1000 + epoch * 100 + s)
-                    ptx = policy(px.to(device), py.to(device))[1]
+                    with autocast:
+                        ptx = policy(px.to(device), py.to(device))[1].float()
                     loss_pi = loss_pi + cfg.ptx_coef * ptx
                     stats["ptx_loss"].append(float(ptx))
-                v = value(xs)[:, :-1]
                 v_clipped = old_values[sel] + (v - old_values[sel]).clamp(-cfg.value_clip, cfg.value_clip)
                 value_loss = 0.5 * masked_mean(torch.max((v - returns[sel]) ** 2, (v_clipped - returns[sel]) ** 2), ms)
                 opt_pi.zero_grad(set_to_none=True)
@@ -252,7 +260,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     from tasks.train import Reporter, Runtime, fingerprint_of
 
     cfg = params.ppo
-    rt = Runtime(_as_train(cfg, cfg.lr).model_copy(update={"device": cfg.device, "dtype": cfg.dtype}))
+    rt = Runtime(cfg)
     torch.manual_seed(params.seed)
     policy, sft_info = load_checkpoint(inputs["sft"], rt.device)
     ref, _ = load_checkpoint(inputs["sft"], rt.device)
@@ -292,7 +300,8 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
 
     fp = fingerprint_of(params.seed, cfg.model_dump(), sft_info.get("val_loss"), rm_info.get("val_accuracy"))
     hist = ppo_loop(policy, ref, value, score_fn, prompts, cfg, pad_id=t.pad, stop_ids=(t.end_turn, t.eot), seed=params.seed,
-                    device=rt.device, resume_dir=Path(params.paths.checkpoints) / STAGE, fingerprint=fp, ptx_fn=ptx_fn, on_iter=on_iter)
+                    device=rt.device, resume_dir=Path(params.paths.checkpoints) / STAGE, fingerprint=fp, ptx_fn=ptx_fn, on_iter=on_iter,
+                    autocast=rt.autocast)
     import mlflow
 
     if mlflow.active_run() and samples:

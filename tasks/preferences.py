@@ -86,9 +86,11 @@ def sample_and_rank(params: Params, sft_dir: Path) -> list[dict]:
     from tasks.model import generate, load_checkpoint
     from tasks.storage import progress
     from tasks.tokenizer import load_tokenizer
+    from tasks.train import Runtime
 
     cfg = params.preferences
-    model, _ = load_checkpoint(sft_dir)
+    rt = Runtime(cfg)
+    model, _ = load_checkpoint(sft_dir, rt.device)
     t = Template(load_tokenizer(sft_dir))
     prompts = [ex for ex in instructions.splits(params.instructions, params.seed)["rm"]
                if len(t.prompt(ex["messages"][0]["content"])) <= params.instructions.max_prompt_tokens][: cfg.prompts]
@@ -99,8 +101,9 @@ def sample_and_rank(params: Params, sft_dir: Path) -> list[dict]:
     texts, finished = [], []
     for i in progress(range(0, len(rows), cfg.batch_size), total=(len(rows) + cfg.batch_size - 1) // cfg.batch_size, desc="sampling", unit="batch"):
         batch = rows[i : i + cfg.batch_size]
-        outs = generate(model, [t.prompt(ex["messages"][0]["content"]) for ex, _ in batch], cfg.max_new_tokens, pad_id=t.pad,
-                        stop_ids=(t.end_turn, t.eot), temperature=cfg.temperature, top_p=cfg.top_p, generator=gen)
+        with rt.autocast:
+            outs = generate(model, [t.prompt(ex["messages"][0]["content"]) for ex, _ in batch], cfg.max_new_tokens, pad_id=t.pad,
+                            stop_ids=(t.end_turn, t.eot), temperature=cfg.temperature, top_p=cfg.top_p, generator=gen)
         for o in outs:
             texts.append(t.decode(o))
             finished.append(bool(o) and o[-1] == t.end_turn)

@@ -57,7 +57,7 @@ def rewards_of(model, seqs: list[list[int]], pad_id: int) -> torch.Tensor:
     x, valid = padded_batch(seqs, pad_id, left=False, device=dev)
     values = model(x)  # right padding + causal attention: padding never reaches real tokens
     last = valid.sum(1) - 1
-    return values[torch.arange(len(seqs), device=dev), last]
+    return values[torch.arange(len(seqs), device=dev), last].float()  # fp32 even under bf16 autocast
 
 
 def pair_loss(model, prompts: list[dict], pad_id: int) -> tuple[torch.Tensor, float]:

@@ -44,9 +44,10 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 
 
 # ----------------------------------------------------------------------------- setup
 class Runtime:
-    """Device, precision and distributed context for one process."""
+    """Device, precision and distributed context for one process. `cfg` is any params section
+    with `device` and `dtype` (a TrainConfig, or the ppo/preferences/evaluate sections)."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: Any):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -61,7 +62,7 @@ class Runtime:
         use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and want == "cuda")
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
         self.dtype_name = "bfloat16" if use_bf16 else "float32"
-        self.peak = cfg.peak_tflops
+        self.peak = getattr(cfg, "peak_tflops", None)
         if self.peak is None and want == "cuda":
             name = torch.cuda.get_device_name(self.device)
             self.peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
@@ -218,8 +219,9 @@ def train_loop(
             batch = batch_fn(step, micro, rt.rank)
             sync = micro == cfg.grad_accum - 1 or rt.world == 1
             ctx = contextlib.nullcontext() if sync else model.no_sync()
-            with ctx, rt.autocast:
-                loss, extra = loss_fn(model, batch)
+            with ctx:
+                with rt.autocast:  # forward in bf16 on CUDA; the backward pass follows outside autocast
+                    loss, extra = loss_fn(model, batch)
                 (loss / cfg.grad_accum).backward()
             loss_sum += float(loss.detach()) / cfg.grad_accum
             ntok += tokens_in(batch)

@@ -1,4 +1,5 @@
-"""The model and the training stages at tiny sizes, on CPU."""
+"""The model and the training stages at tiny sizes, on CPU; the tests with a `cuda` variant
+also run on a GPU (bf16 autocast, torch.compile) when there is one."""
 
 import json
 import os
@@ -14,9 +15,11 @@ from tasks.model import GPT, ModelConfig, ScalarModel, generate, load_checkpoint
 from tasks.train import train_loop
 
 TINY = ModelConfig(vocab_size=40, n_layer=2, n_head=2, d_model=32, max_seq_len=48)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
 
 
 def tiny_train(steps, **kw):
+    kw.setdefault("device", "cpu")  # CPU tests stay on the CPU on a GPU machine too
     return TrainConfig(steps=steps, batch_size=4, lr=kw.pop("lr", 3e-3), warmup_steps=kw.pop("warmup_steps", 0), eval_every=1000, ckpt_every=kw.pop("ckpt_every", 1000), **kw)
 
 
@@ -55,6 +58,18 @@ def test_kv_cache_and_no_cache_greedy_decoding_match(positions):
     alone = [generate(model, [p], 12, pad_id=0, temperature=0)[0] for p in prompts]
     assert cached == plain == alone
     assert len({tuple(c) for c in cached}) > 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_seeded_sampling_repeats_on_every_device(device):
+    torch.manual_seed(3)
+    model = GPT(TINY).to(device)
+
+    def draw(seed):  # the stages pass a seeded CPU generator, also when the model is on a GPU
+        return generate(model, [[1, 2, 3]] * 6, 10, pad_id=0, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+
+    assert draw(0) == draw(0)
+    assert draw(0) != draw(1)
 
 
 def test_generation_stops_at_stop_token_and_samples_with_top_k_top_p():
@@ -115,14 +130,17 @@ def test_reward_model_learns_a_planted_preference():
     assert accuracy(model, val, pad_id=0) > 0.95
 
 
-def test_ppo_raises_a_planted_reward_with_bounded_kl():
+@pytest.mark.parametrize("device", DEVICES)
+def test_ppo_raises_a_planted_reward_with_bounded_kl(device):
+    import contextlib
+
     from tasks.ppo import ppo_loop
 
     torch.manual_seed(0)
-    policy = GPT(TINY)
-    ref = GPT(TINY)
+    policy = GPT(TINY).to(device)
+    ref = GPT(TINY).to(device)
     ref.load_state_dict(policy.state_dict())
-    value = ScalarModel(TINY)
+    value = ScalarModel(TINY).to(device)
     target = 7
 
     def score_fn(prompts, responses, idx):  # planted reward: emit token 7
@@ -131,7 +149,8 @@ def test_ppo_raises_a_planted_reward_with_bounded_kl():
     prompts = [[1, 2, 3 + i % 5] for i in range(32)]
     cfg = PPO(steps=30, batch_prompts=16, max_new_tokens=8, ppo_epochs=2, minibatches=2, lr=3e-3, value_lr=3e-3,
               kl={"beta": 0.01, "adaptive": False})
-    hist = ppo_loop(policy, ref, value, score_fn, prompts, cfg, pad_id=0, stop_ids=(), seed=0, device=torch.device("cpu"))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+    hist = ppo_loop(policy, ref, value, score_fn, prompts, cfg, pad_id=0, stop_ids=(), seed=0, device=torch.device(device), autocast=autocast)
     start = sum(h["reward_mean"] for h in hist[:5]) / 5
     end = sum(h["reward_mean"] for h in hist[-5:]) / 5
     assert end > start + 0.3, (start, end)
@@ -201,7 +220,9 @@ def test_checkpoints_round_trip_through_safetensors(tmp_path):
 @pytest.mark.slow
 def test_ddp_with_two_gloo_processes_trains(tmp_path):
     script = Path(__file__).with_name("ddp_worker.py")
-    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    root = str(Path(__file__).resolve().parents[1])  # the workers import tasks/ without an installed package too
+    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531", str(script)],
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -225,3 +246,17 @@ def test_rerun_after_a_finished_run_reports_without_retraining(tmp_path):
     again_model, again = run_once()
     assert again["resumed_from"] == 3 and again["evals"] and again["evals"][-1]["val_loss"] == pytest.approx(first["evals"][-1]["val_loss"])
     assert all(torch.equal(a, b) for a, b in zip(first_model.state_dict().values(), again_model.state_dict().values()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_loop_on_cuda_with_bf16_and_compile(tmp_path):
+    data = torch.randint(0, 40, (4, 33), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model, hist = train_loop("t", GPT(TINY), tiny_train(40, lr=1e-2, device="cuda", dtype="auto", compile=True),
+                             lambda s, m, r: (data[:, :-1], data[:, 1:]), lambda m, b: (m(*(v.cuda() for v in b))[1], {}),
+                             lambda b: b[0].numel(), tmp_path / "ck", "fp")
+    assert hist["dtype"] == "bfloat16" and hist["device"].startswith("cuda")
+    assert hist["final"]["loss"] < 0.5 * hist["first_loss"]
+    save_checkpoint(tmp_path / "m", model, None, {})  # plain names: no torch.compile prefix in the file
+    loaded, _ = load_checkpoint(tmp_path / "m", "cuda")
+    assert sorted(loaded.state_dict()) == sorted(GPT(TINY).state_dict())
