@@ -22,14 +22,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks import instructions  # noqa: E402
-from tasks.chat import Template  # noqa: E402
+from tasks.lib import instructions  # noqa: E402
+from tasks.lib.template import Template  # noqa: E402
 from tasks.config import load_params  # noqa: E402
 from tasks.evaluate import Evaluator  # noqa: E402
-from tasks.model import load_checkpoint  # noqa: E402
+from tasks.lib.model import load_checkpoint  # noqa: E402
 from tasks.preferences import sample_and_rank  # noqa: E402
-from tasks.tokenizer import load_tokenizer  # noqa: E402
-from tasks.train import Runtime  # noqa: E402
+from tasks.lib.bpe import load_tokenizer  # noqa: E402
+from tasks.lib.runtime import Runtime  # noqa: E402
 
 
 def main() -> None:
@@ -44,8 +44,8 @@ def main() -> None:
     print(f"devices: {', '.join(devices)}{'; ' + torch.cuda.get_device_name() if torch.cuda.is_available() else ''}; torch {torch.__version__}")
     base: dict[str, float] = {}
     for dev in devices:
-        pref = params.preferences.model_copy(update={"device": dev, "prompts": args.prompts})
-        ev_cfg = params.evaluate.model_copy(update={"device": dev})
+        pref = params.preferences.model_copy(update={"compute": params.preferences.compute.model_copy(update={"device": dev}), "prompts": args.prompts})
+        ev_cfg = params.evaluate.model_copy(update={"compute": params.evaluate.compute.model_copy(update={"device": dev})})
         p = params.model_copy(update={"preferences": pref, "evaluate": ev_cfg})
         if dev == "cuda":  # CUDA start-up and first kernel loads are not what is measured
             sample_and_rank(params.model_copy(update={"preferences": pref.model_copy(update={"prompts": 8})}), sft_dir)
@@ -54,13 +54,13 @@ def main() -> None:
         t_pref = time.perf_counter() - t0
         gold_pref = float(np.mean([s for r in records for s in r["scores"]]))
 
-        rt = Runtime(ev_cfg)
+        rt = Runtime(ev_cfg.compute)
         t = Template(load_tokenizer(sft_dir))
         splits = instructions.splits(params.instructions, params.seed)
         examples = [ex for ex in splits["eval"] if len(t.prompt(ex["messages"][0]["content"])) <= params.instructions.max_prompt_tokens][: ev_cfg.prompts]
-        scorer, rm_info = load_checkpoint(rm_dir, rt.device)
+        scorer, _ = load_checkpoint(rm_dir, rt.device)
         model = load_checkpoint(sft_dir, rt.device)[0].eval()
-        ev = Evaluator(p, t, scorer.eval(), rm_info, examples, splits["sft"][: ev_cfg.few_shot], rt.autocast)
+        ev = Evaluator(p, t, scorer.eval(), examples, splits["sft"][: ev_cfg.few_shot], rt.autocast)
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()

@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.train_throughput import PRESETS  # noqa: E402
-from tasks.config import PPO  # noqa: E402
-from tasks.model import GPT, ScalarModel  # noqa: E402
+from tasks.config import PPO, load_params  # noqa: E402
+from tasks.lib.model import GPT, ScalarModel  # noqa: E402
 from tasks.ppo import ppo_loop  # noqa: E402
 
 
@@ -49,8 +49,10 @@ def measure(preset: str, iters: int, prompts_per_iter: int, new_tokens: int, bf1
         stamps.append(time.perf_counter())
         lengths.append(sum(len(r) for r in responses))
 
-    ppo = PPO(steps=iters + 1, batch_prompts=prompts_per_iter, max_new_tokens=new_tokens, lr=1e-5, value_lr=1e-5,
-              kl={"beta": 0.05, "adaptive": False})
+    defaults = load_params(str(Path(__file__).resolve().parents[1] / "params.yaml")).ppo.model_dump()
+    ppo = PPO.model_validate({**defaults, "steps": iters + 1, "batch_prompts": prompts_per_iter, "lr": 1e-5, "value_lr": 1e-5,
+                              "sampling": {**defaults["sampling"], "max_new_tokens": new_tokens},
+                              "kl": {**defaults["kl"], "beta": 0.05, "adaptive": False}})
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     ppo_loop(policy, ref, value, score_fn, prompts, ppo, pad_id=0, stop_ids=(), seed=0, device=dev, on_iter=on_iter, autocast=autocast)
     seconds = (stamps[-1] - stamps[0]) / iters  # from the end of the warm-up iteration

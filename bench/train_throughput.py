@@ -21,9 +21,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.config import TrainConfig  # noqa: E402
-from tasks.model import GPT, ModelConfig, generate  # noqa: E402
-from tasks.train import Runtime, train_loop  # noqa: E402
+from tasks.config import Compute, TrainConfig, load_params  # noqa: E402
+from tasks.lib.model import GPT, ModelConfig, generate  # noqa: E402
+from tasks.lib.runtime import Runtime  # noqa: E402
+from tasks.lib.train import train_loop  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PRESETS = {
     "gpt2-small": dict(cfg=ModelConfig(vocab_size=50304, n_layer=12, n_head=12, d_model=768, max_seq_len=1024), batch=16),
@@ -53,12 +56,15 @@ def measure(cfg: ModelConfig, batch: int, steps: int, warmup: int, dtype: str, c
             torch.cuda.synchronize()
         stamps.append(time.perf_counter())
 
-    tc = TrainConfig(steps=warmup + steps, batch_size=batch, lr=3e-4, warmup_steps=0, eval_every=10**9, ckpt_every=10**9, dtype=dtype, compile=compile_)
+    defaults = load_params(str(ROOT / "params.yaml")).pretrain
+    tc = TrainConfig.model_validate({**defaults.train.model_dump(), "steps": warmup + steps, "batch_size": batch, "lr": 3e-4,
+                                     "warmup_steps": 0, "eval_every": 10**9, "ckpt_every": 10**9})
+    rt = Runtime(Compute.model_validate({**defaults.compute.model_dump(), "dtype": dtype, "compile": compile_}))
     with tempfile.TemporaryDirectory() as tmp:
-        _, hist = train_loop("bench", model, tc, batch_fn, loss_fn, lambda b: b[0].numel(), Path(tmp) / "ckpt", "bench", on_step=on_step)
+        _, hist = train_loop("bench", model, tc, rt, batch_fn, loss_fn, lambda b: b[0].numel(), Path(tmp) / "ckpt", "bench", on_step=on_step)
     elapsed = stamps[-1] - stamps[warmup - 1]
     tok_s = steps * batch * T / elapsed
-    peak = Runtime(tc).peak
+    peak = rt.peak
     fpt = model.flops_per_token(T)
     return {"tokens_per_s": tok_s, "mfu": tok_s * fpt / (peak * 1e12) if peak else None, "loss": hist["final"]["loss"],
             "max_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}

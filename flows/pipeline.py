@@ -5,20 +5,29 @@
 
 Each task runs `dvc repro --single-item <stage>`, so caching and `dvc.lock` are exactly what
 `dvc repro` gives (DVC owns caching; Prefect's task cache is off). The stage's output is
-streamed to the Prefect log, failures are retried (`orchestration.retries` in params.yaml),
-and each stage's metrics become a Prefect table artifact. An MLflow parent run spans the
-flow; the stages' runs nest under it. With no `PREFECT_API_URL` set, Prefect runs on its
-embedded ephemeral API; see flows/serve.py for a scheduled deployment.
+streamed to the Prefect log; a failure that can pass on a retry (I/O, a lost server) is
+retried (`orchestration.retries`), one that cannot (bad params or input: the stage exits
+with code 2) fails at once. Each stage's metrics become a Prefect table artifact and its
+report a markdown artifact. An MLflow parent run spans the flow; the stages' runs nest
+under it. With no `PREFECT_API_URL` set, Prefect runs on its embedded ephemeral API; see
+flows/serve.py for a scheduled deployment. When `PREFECT_API_URL` or an http
+`MLFLOW_TRACKING_URI` is set, `main` first waits (bounded) for those servers and, if one
+does not answer, stops with one line naming its URL (exit code 2) instead of a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import base64
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -27,7 +36,58 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from tasks.config import load_params
-from tasks.tracking import PARENT_ENV, flatten, git_commit, tracking_uri
+from tasks.lib.errors import StageError
+from tasks.lib.process import die_with_parent
+from tasks.lib.tracking import PARENT_ENV, ensure_store, flatten, git_commit, process_tags, reconcile_stale_runs, tracking_uri
+
+SERVICE_WAIT_S = 20.0  # how long a server that is down is waited for before giving up
+
+
+class ServiceUnavailable(RuntimeError):
+    """A configured server (Prefect API, MLflow tracking) that does not answer."""
+
+
+def ensure_prefect_api(wait_s: float = SERVICE_WAIT_S) -> str | None:
+    """With a Prefect API configured (`PREFECT_API_URL`, or a profile), wait until its
+    `/health` answers, retrying for up to `wait_s` seconds; raise ServiceUnavailable naming
+    the URL if it never does. Returns the URL, or None for Prefect's ephemeral API."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return None
+    deadline, delay, err = time.time() + wait_s, 1.0, None
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=5) as r:
+                if r.status == 200:
+                    return url
+        except (urllib.error.URLError, OSError) as e:
+            err = e
+        if time.time() + delay > deadline:
+            raise ServiceUnavailable(f"Prefect API {url} does not answer ({err}); start it (make services) or unset PREFECT_API_URL")
+        print(f"warning: Prefect API {url} not answering ({err}); retrying in {delay:.0f} s", file=sys.stderr)
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
+def ensure_services(wait_s: float = SERVICE_WAIT_S) -> None:
+    """The servers this run is configured to use answer (see ensure_prefect_api and
+    tasks.lib.tracking.ensure_store), or ServiceUnavailable names the one that does not."""
+    ensure_prefect_api(wait_s)
+    if tracking_uri().startswith(("http://", "https://")):
+        try:
+            ensure_store(tracking_uri(), wait_s=wait_s)
+        except StageError as e:
+            raise ServiceUnavailable(str(e)) from None
+
+
+class StageFailed(RuntimeError):
+    """A stage that failed; `retryable` is False when it exited with code 2 (bad params or input)."""
+
+    def __init__(self, message: str, retryable: bool):
+        super().__init__(message)
+        self.retryable = retryable
 
 
 def dvc_stages(project: Path) -> list[str]:
@@ -36,7 +96,66 @@ def dvc_stages(project: Path) -> list[str]:
     return list(spec["stages"])
 
 
-@task(cache_policy=NONE)
+def retry_if_retryable(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect's signature
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            exc = state.result(raise_on_failure=False)
+        except Exception:  # noqa: BLE001 - no result to inspect: retry as configured
+            return True
+    return not (isinstance(exc, StageFailed) and not exc.retryable)
+
+
+def embed_images(markdown: str, folder: Path) -> str:
+    """Relative PNG links become data URIs: a Prefect artifact has no folder to resolve them in."""
+    def inline(m: re.Match) -> str:
+        img = folder / m.group(2)
+        if not img.is_file():
+            return m.group(0)
+        return f"![{m.group(1)}](data:image/png;base64,{base64.b64encode(img.read_bytes()).decode()})"
+
+    return re.sub(r"!\[([^\]]*)\]\(([^):]+\.png)\)", inline, markdown)
+
+
+def promotion_of(parent_run_id: str | None) -> dict | None:
+    """The promotion decision the evaluate stage recorded in its MLflow run, if it ran."""
+    if not parent_run_id:
+        return None
+    import mlflow
+
+    runs = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.stage = 'evaluate'",
+                              search_all_experiments=True, output_format="list")
+    if not runs:
+        return None
+    tags = runs[0].data.tags
+    return {"decision": tags.get("promotion.decision"), "reason": tags.get("promotion.reason")}
+
+
+def run_dvc(stage: str, project: str, env: dict, logger) -> tuple[int, list[str]]:
+    """`dvc repro --single-item <stage>` in its own process group, streamed to the log. If
+    this process is stopped (Ctrl-C, SIGTERM), DVC and the stage are stopped with it."""
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", stage], cwd=project, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=die_with_parent)  # SIGKILL of the flow: dvc and the stage stop too
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # universal newlines: progress bars' \r updates arrive as lines
+            if line.strip():
+                lines.append(line.rstrip())
+                logger.info(line.rstrip())
+        return proc.wait(), lines
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@task(cache_policy=NONE, retry_condition_fn=retry_if_retryable)
 def run_stage(stage: str, project: str, reports: str, parent_run_id: str | None) -> dict:
     """Run one DVC stage and publish its metrics; returns {'stage', 'ran', 'metrics'}."""
     logger = get_run_logger()
@@ -46,29 +165,25 @@ def run_stage(stage: str, project: str, reports: str, parent_run_id: str | None)
     env["PYTHONUNBUFFERED"] = "1"
     if parent_run_id:
         env[PARENT_ENV] = parent_run_id
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dvc", "repro", "--single-item", stage],
-        cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    lines = []
-    assert proc.stdout is not None
-    for line in proc.stdout:  # universal newlines: progress bars' \r updates arrive as lines
-        if line.strip():
-            lines.append(line.rstrip())
-            logger.info(line.rstrip())
-    if proc.wait() != 0:
+    code, lines = run_dvc(stage, project, env, logger)
+    if code != 0:
         tail = "\n".join(lines[-15:])
-        raise RuntimeError(f"stage '{stage}' failed (dvc exit code {proc.returncode}):\n{tail}")
+        bad_input = any(re.search(r"exited with 2\b", ln) for ln in lines)
+        raise StageFailed(f"stage '{stage}' failed (dvc exit code {code}"
+                          f"{'; bad params or input, not retried' if bad_input else ''}):\n{tail}", retryable=not bad_input)
     ran = not any("didn't change, skipping" in ln for ln in lines)
-    report = getattr(importlib.import_module(f"tasks.{stage}"), "REPORT", stage)  # evaluate writes reports/eval.*
-    metrics_file = Path(project) / reports / f"{report}.json"
+    metrics_file = Path(project) / reports / f"{stage}.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     rows = [{"metric": k, "value": v} for k, v in flatten(metrics).items()]
     if rows:
         create_table_artifact(key=f"{stage}-metrics", table=rows, description=f"Metrics of stage '{stage}' ({'ran' if ran else 'up to date, skipped'})")
-    md = metrics_file.with_suffix(".md")
+    md = Path(project) / reports / stage / "report.md"
     if md.is_file():
-        create_markdown_artifact(key=f"{stage}-report", markdown=md.read_text(), description=f"Report of stage '{stage}'")
+        text = embed_images(md.read_text(), md.parent)
+        promotion = promotion_of(parent_run_id) if stage == "evaluate" and ran else None
+        if promotion:
+            text += f"\n**Promotion**: {promotion['decision']} ({promotion['reason']})\n"
+        create_markdown_artifact(key=f"{stage}-report", markdown=text, description=f"Report of stage '{stage}'")
     return {"stage": stage, "ran": ran, "metrics": metrics}
 
 
@@ -78,7 +193,7 @@ def pipeline(project: str = ".", params_file: str = "params.yaml", stages: list[
     import mlflow
 
     root = Path(project).resolve()
-    params = load_params(root / params_file)  # a bad params.yaml fails here, before any stage
+    params = load_params(str(root / params_file))  # a bad params.yaml fails here, before any stage
     order = dvc_stages(root)
     unknown = [s for s in stages or [] if s not in order]
     if unknown:
@@ -86,38 +201,79 @@ def pipeline(project: str = ".", params_file: str = "params.yaml", stages: list[
     selected = [s for s in order if stages is None or s in stages]
     orch = params.orchestration
 
-    mlflow.set_tracking_uri(tracking_uri() if os.environ.get("MLFLOW_TRACKING_URI") else f"sqlite:///{root / 'mlflow.db'}")
+    uri = tracking_uri() if os.environ.get("MLFLOW_TRACKING_URI") else f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(ensure_store(uri))
     mlflow.set_experiment(params.mlflow.experiment)
+    reconcile_stale_runs(params.mlflow.experiment)
     cwd = Path.cwd()
     os.chdir(root)  # git commit of the project, not of wherever the flow was started
     try:
-        tags = {"pipeline": "true", **git_commit()}
+        tags = {"pipeline": "true", **git_commit(), **process_tags()}
     finally:
         os.chdir(cwd)
     results = []
     with mlflow.start_run(run_name="pipeline", tags=tags) as parent:
-        for stage in selected:
-            runner = run_stage.with_options(name=stage, retries=orch.retries, retry_delay_seconds=orch.retry_delay_s)
-            results.append(runner(stage, str(root), params.paths.reports, parent.info.run_id))
+        try:
+            for stage in selected:
+                runner = run_stage.with_options(name=stage, retries=orch.retries, retry_delay_seconds=orch.retry_delay_s)
+                results.append(runner(stage, str(root), params.paths.reports, parent.info.run_id))
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (see main): the stage was stopped with us
+            mlflow.end_run("KILLED")
+            raise
         mlflow.log_dict({r["stage"]: {"ran": r["ran"]} for r in results}, "stages.json")
         mlflow.log_metrics({"stages_run": sum(r["ran"] for r in results), "stages_skipped": sum(not r["ran"] for r in results)})
     create_table_artifact(
         key="pipeline-summary",
-        table=[{"stage": r["stage"], "ran": r["ran"], "seconds": r["metrics"].get("seconds")} for r in results],
+        table=[{"stage": r["stage"], "ran": r["ran"]} for r in results],
         description="Stages of this pipeline run (ran = executed, false = DVC found it up to date)",
     )
     return results
 
 
+SUPERVISED = "GPT_PIPELINE_SUPERVISED"
+
+
+def supervise(argv: list[str]) -> int:
+    """Run the flow in a child process that dies with this one (PR_SET_PDEATHSIG). Whatever
+    stops the command a user started (Ctrl-C, SIGTERM, SIGKILL) then stops the flow, which
+    stops dvc, the stage and Prefect's temporary API server, and records the runs as killed."""
+    child = subprocess.Popen([sys.executable, "-m", "flows.pipeline", *argv], env={**os.environ, SUPERVISED: "1"},
+                             preexec_fn=die_with_parent)
+
+    def forward(signum, frame):  # noqa: ARG001
+        child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    return child.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not os.environ.get(SUPERVISED):
+        return supervise(argv)
     ap = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.split("\n")[0])
     ap.add_argument("--project", default=".", help="project root (with dvc.yaml and params.yaml)")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--stages", nargs="*", default=None, help="run only these stages (default: all)")
     args = ap.parse_args(argv)
-    results = pipeline(project=args.project, params_file=args.params, stages=args.stages)
+
+    def on_sigterm(signum, frame):  # noqa: ARG001 - stop like Ctrl-C: Prefect and MLflow record it, dvc is stopped
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        ensure_services()
+    except ServiceUnavailable as e:
+        print(f"error: pipeline: {e}", file=sys.stderr)
+        return 2
+    try:
+        results = pipeline(project=args.project, params_file=args.params, stages=args.stages)
+    except KeyboardInterrupt:
+        print("error: pipeline: stopped", file=sys.stderr)
+        return 130
     for r in results:
-        print(f"{r['stage']:>10}: {'ran' if r['ran'] else 'up to date'}")
+        print(f"{r['stage']:>12}: {'ran' if r['ran'] else 'up to date'}")
     return 0
 
 

@@ -2,7 +2,7 @@
 
     python -m tasks.collect            # what `dvc repro collect` runs
 
-Source kinds: `builtin` (the offline corpus of tasks/builtin.py), `hf`
+Source kinds: `builtin` (the offline corpora of tasks/lib/corpora.py), `hf`
 (`datasets.load_dataset`: a hub dataset or local json/parquet/text files) and `files` (local
 globs of .jsonl/.json/.parquet/.txt). Output: `data/raw/<source>/part-*.parquet` with columns
 id, source, text, meta. Documents with invalid UTF-8, empty or oversized text, a missing text
@@ -14,18 +14,26 @@ from __future__ import annotations
 
 import glob
 import json
+import sys
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks import builtin
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from tasks.config import BuiltinSource, Collect, FilesSource, HFSource, Params
-from tasks.storage import ShardWriter, StageError, atomic_dir, doc_row, progress
+from tasks.lib import corpora
+from tasks.lib.errors import StageError
+from tasks.lib.storage import ShardWriter, atomic_dir, doc_row
 
 STAGE = "collect"
 PARAMS = ("seed", "collect")
-INPUTS: tuple[str, ...] = ()
+UNTRACKED = ("executor",)
+INPUTS = ("sources",)  # the fingerprint of the sources: new data reruns collect
 OUTPUTS = ("raw",)
 
 Record = tuple[str, Any, dict]  # (original id, text as str or bytes, meta); text None = unreadable
@@ -34,14 +42,14 @@ Record = tuple[str, Any, dict]  # (original id, text as str or bytes, meta); tex
 # --------------------------------------------------------------------------- readers
 def read_builtin(src: BuiltinSource, cfg: Collect, seed: int) -> Iterator[Record]:
     if src.corpus == "python_docs":
-        yield from builtin.python_docs(src.limit)
+        yield from corpora.python_docs(src.limit)
     elif src.corpus == "python_code":
-        yield from builtin.python_code(src.limit, seed)
+        yield from corpora.python_code(src.limit, seed)
     else:
         # Cross-source duplicates point at the reference documents collected in this run.
         ref = next((s for s in cfg.sources if isinstance(s, BuiltinSource) and s.corpus == "python_docs"), None)
-        reference = [(f"{ref.name}/{rid}", text) for rid, text, _ in builtin.python_docs(ref.limit)] if ref else None
-        for pid, text, meta in builtin.synthetic_crawl(src.num_docs, src.crawl_mix, seed, reference):
+        reference = [(f"{ref.name}/{rid}", text) for rid, text, _ in corpora.python_docs(ref.limit)] if ref else None
+        for pid, text, meta in corpora.synthetic_crawl(src.num_docs, src.crawl_mix.model_dump(), seed, reference):
             dup = meta["duplicate_of"]
             if dup and dup.startswith("@"):
                 meta = {**meta, "duplicate_of": f"{src.name}/{dup[1:]}"}
@@ -52,14 +60,24 @@ def read_hf(src: HFSource) -> Iterator[Record]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(src.path, src.config_name, data_files=src.data_files, split=src.split, streaming=src.streaming)
+        ds = datasets.load_dataset(src.path, src.config_name, data_files=src.data_files, split=src.split,
+                                   revision=src.revision, streaming=src.streaming)
     except FileNotFoundError as err:
         raise StageError(f"source '{src.name}': dataset or files not found: {err}") from None
     except Exception as err:  # datasets raises many types; the user needs the message, not the stack
         raise StageError(f"source '{src.name}': load_dataset({src.path!r}) failed: {type(err).__name__}: {err}") from None
-    for i, rec in enumerate(ds):
+    records = iter(ds)
+    i = -1
+    while True:
+        i += 1
         if src.limit is not None and i >= src.limit:
             return
+        try:
+            rec = next(records)
+        except StopIteration:
+            return
+        except Exception as err:  # a corrupt file met while streaming: name it, no traceback
+            raise StageError(f"source '{src.name}': reading {src.path!r} failed at record {i}: {type(err).__name__}: {str(err)[:300]}") from None
         if src.text_field not in rec:
             raise StageError(f"source '{src.name}': no field '{src.text_field}' in records (fields: {sorted(rec)}); set text_field")
         rid = str(rec[src.id_field]) if src.id_field and rec.get(src.id_field) is not None else str(i)
@@ -67,10 +85,15 @@ def read_hf(src: HFSource) -> Iterator[Record]:
         yield rid, rec[src.text_field], {**meta, "hf_path": src.path, "split": src.split}
 
 
-def read_files(src: FilesSource) -> Iterator[Record]:
+def matching_files(src: FilesSource) -> list[str]:
     paths = sorted({p for g in src.globs for p in glob.glob(g, recursive=True) if Path(p).is_file()})
     if not paths:
         raise StageError(f"source '{src.name}': no file matches {src.globs}")
+    return paths
+
+
+def read_files(src: FilesSource, paths: list[str] | None = None) -> Iterator[Record]:
+    paths = paths or matching_files(src)
     n = 0
     for path in paths:
         suffix = Path(path).suffix.lower()
@@ -112,9 +135,13 @@ def _jsonl(path: str, src: FilesSource) -> Iterator[Record]:
 
 
 def _parquet(path: str, src: FilesSource) -> Iterator[Record]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as err:
+        raise StageError(f"source '{src.name}': {path}: not a readable Parquet file ({err})") from None
     if src.text_field not in table.column_names:
         raise StageError(f"source '{src.name}': {path} has no column '{src.text_field}' (columns: {table.column_names})")
     texts = table.column(src.text_field).to_pylist()
@@ -149,39 +176,100 @@ def check_text(text: Any, cfg: Collect) -> tuple[str | None, str | None]:
     return text, None
 
 
-def records(src, cfg: Collect, seed: int) -> Iterator[Record]:
+def records(src, cfg: Collect, seed: int, path: str | None = None) -> Iterator[Record]:
     if isinstance(src, BuiltinSource):
         return read_builtin(src, cfg, seed)
     if isinstance(src, HFSource):
         return read_hf(src)
-    return read_files(src)
+    return read_files(src, [path] if path else None)
+
+
+@dataclass(frozen=True)
+class PartTask:
+    source: Any  # the source's config
+    cfg: Collect
+    seed: int
+    folder: str
+    prefix: str  # shard names: <prefix>-00000.parquet, ...
+    path: str | None  # one file of a `files` source, or None: the whole source
+
+
+def collect_part(task: PartTask) -> dict[str, Any]:
+    """Read one part of a source (a file, or the whole source), write its shards; return
+    counts, drop reasons and the 64-bit hashes of the kept ids, in order."""
+    import xxhash
+
+    src, cfg = task.source, task.cfg
+    writer = ShardWriter(Path(task.folder), cfg.shard_docs, prefix=task.prefix)
+    dropped: Counter[str] = Counter()
+    seen: set[int] = set()
+    hashes: list[int] = []
+    kept_bytes = 0
+    for rid, text, meta in records(src, cfg, task.seed, task.path):
+        clean, reason = check_text(text, cfg)
+        reason = meta.get("reason", reason) if clean is None else None
+        doc_id = f"{src.name}/{rid}"
+        h = xxhash.xxh3_64_intdigest(doc_id.encode())
+        if clean is not None and h in seen:
+            reason = "duplicate_id"
+        if reason:
+            dropped[reason] += 1
+            continue
+        seen.add(h)
+        hashes.append(h)
+        kept_bytes += len(clean.encode("utf-8"))
+        writer.add(doc_row(doc_id, src.name, clean, {**meta, "role": src.role}))
+    writer.close()
+    return {"docs": len(hashes), "bytes": kept_bytes, "dropped": dict(dropped), "ids": np.array(hashes, dtype=np.uint64),
+            "shards": writer.names}
+
+
+def drop_repeated_ids(folder: Path, parts: list[dict], shard_docs: int) -> int:
+    """An id seen in an earlier part is dropped from the later ones; returns how many."""
+    ids = np.concatenate([p["ids"] for p in parts]) if parts else np.zeros(0, np.uint64)
+    _, first = np.unique(ids, return_index=True)
+    repeated = np.setdiff1d(np.arange(len(ids)), first)
+    if len(repeated) == 0:
+        return 0
+    start = 0
+    for p in parts:
+        mine = repeated[(repeated >= start) & (repeated < start + p["docs"])] - start
+        for k, name in enumerate(p["shards"]):
+            rows = mine[(mine >= k * shard_docs) & (mine < (k + 1) * shard_docs)] - k * shard_docs
+            if len(rows):
+                table = pq.read_table(folder / name)
+                keep = np.ones(table.num_rows, dtype=bool)
+                keep[rows] = False
+                pq.write_table(table.filter(pa.array(keep)), folder / name, compression="zstd")
+        start += p["docs"]
+    return int(len(repeated))
 
 
 def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict:
-    cfg = params.collect
+    from tasks.lib.executor import Executor
+
+    cfg, ex = params.collect, params.executor
     metrics: dict[str, Any] = {"sources": {}}
-    with atomic_dir(outputs["raw"]) as tmp:
+    with atomic_dir(outputs["raw"]) as tmp, Executor(ex.kind, ex.workers, ex.ray_address, desc="collect") as pool:
         for src in cfg.sources:
-            writer = ShardWriter(tmp / src.name, cfg.shard_docs)
+            folder = tmp / src.name
+            if isinstance(src, FilesSource) and src.limit is None:  # one task per file, in parallel
+                files = matching_files(src)
+                tasks = [PartTask(src, cfg, params.seed, str(folder), f"part-{i:05d}", f) for i, f in enumerate(files)]
+            else:  # a limit counts across files; builtin and hub sources are one stream
+                tasks = [PartTask(src, cfg, params.seed, str(folder), "part", None)]
+            parts = pool.map(collect_part, tasks, unit="file")
             dropped: Counter[str] = Counter()
-            seen: set[str] = set()
-            kept_bytes = 0
-            for rid, text, meta in progress(records(src, cfg, params.seed), desc=f"collect {src.name}"):
-                clean, reason = check_text(text, cfg)
-                reason = meta.get("reason", reason) if clean is None else None
-                doc_id = f"{src.name}/{rid}"
-                if clean is not None and doc_id in seen:
-                    reason = "duplicate_id"
-                if reason:
-                    dropped[reason] += 1
-                    continue
-                seen.add(doc_id)
-                kept_bytes += len(clean.encode("utf-8"))
-                writer.add(doc_row(doc_id, src.name, clean, {**meta, "role": src.role}))
-            kept = writer.close()
+            for p in parts:
+                dropped.update(p["dropped"])
+            repeated = drop_repeated_ids(folder, parts, cfg.shard_docs)
+            if repeated:
+                dropped["duplicate_id"] += repeated
+            kept = sum(p["docs"] for p in parts) - repeated
             if kept == 0:
                 raise StageError(f"source '{src.name}' yielded no usable document (dropped: {dict(dropped) or 'none read'})")
-            metrics["sources"][src.name] = {"docs": kept, "bytes": kept_bytes, "dropped": dict(sorted(dropped.items())), "role": src.role}
+            metrics["sources"][src.name] = {"docs": kept, "bytes": sum(p["bytes"] for p in parts), "dropped": dict(sorted(dropped.items())),
+                                            "role": src.role}
     metrics["docs"] = sum(s["docs"] for s in metrics["sources"].values())
     metrics["bytes"] = sum(s["bytes"] for s in metrics["sources"].values())
     metrics["dropped"] = sum(sum(s["dropped"].values()) for s in metrics["sources"].values())
@@ -191,4 +279,4 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
 if __name__ == "__main__":
     from tasks.stage import main
 
-    raise SystemExit(main(STAGE, run, PARAMS, INPUTS, OUTPUTS))
+    raise SystemExit(main(sys.modules[__name__]))

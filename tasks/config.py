@@ -1,21 +1,27 @@
 """Typed configuration: one pydantic model per section of `params.yaml`.
 
-Every knob of the pipeline lives in `params.yaml`; this module is the one place that
-validates it. Unknown keys are rejected and every error names the key path and the bad
-value, e.g. ``params.yaml: quality.rules.min_words = -5: Input should be greater than or
-equal to 0``.
+`params.yaml` is the one source of every knob and its default: the section models here have
+no defaults of their own, so a key missing from the file is an error, not a silent value
+from the code. (Optional fields of a *source* entry, such as `limit`, may be left out.)
+Unknown keys are rejected, non-finite numbers too, and every error names the key path and
+the bad value, e.g. ``params.yaml: quality.rules.min_words = -5: Input should be greater than
+or equal to 0``.
 
     from tasks.config import load_params
     params = load_params("params.yaml")
+
+Shapes that recur have one model each: `Compute` (device, precision), `Sampling` (how a
+stage draws completions), `TrainConfig` (optimizer and schedule of a training stage).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import math
+from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -23,35 +29,104 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `lr: .inf` is a config error, not a NaN model
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 Role = Literal["reference", "crawl", "code", "instruction"]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_\-]+$", min_length=1, max_length=64)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+PosInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Seed = Annotated[int, Field(ge=0, lt=2**32)]  # what numpy's and torch's generators accept
+Device = Literal["auto", "cpu", "cuda"]
+
+
+def _relative_path(v: str) -> str:
+    p = PurePosixPath(v)
+    if not v or v.strip() in (".", "./") or p.is_absolute() or ".." in p.parts:
+        raise ValueError("must be a relative path inside the project (not '.', absolute, or with '..')")
+    if p.parts[0] in (".git", ".dvc", "tasks", "flows", "tests", "infra", "bench"):
+        raise ValueError(f"must not point into the project's own '{p.parts[0]}/' folder")
+    return str(p)
+
+
+ProjectPath = Annotated[str, AfterValidator(_relative_path)]
+
+
+# ---------------------------------------------------------------- shared shapes
+class Compute(Section):
+    """Where and how a stage runs its model: `auto` picks CUDA when there is a GPU."""
+
+    device: Device
+    dtype: Literal["auto", "float32", "bfloat16"]  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool  # torch.compile, CUDA only
+    peak_tflops: PosFloat | None  # for MFU; known GPUs are detected
+
+
+class Sampling(Section):
+    """How completions are drawn: at most `max_new_tokens`, softmax temperature, nucleus."""
+
+    max_new_tokens: PosInt
+    temperature: PosFloat
+    top_p: Annotated[float, Field(gt=0, le=1)]
+
+
+class TrainConfig(Section):
+    """Optimizer and schedule of one training stage."""
+
+    steps: PosInt
+    batch_size: PosInt
+    grad_accum: PosInt
+    lr: PosFloat
+    min_lr_ratio: Fraction
+    warmup_steps: NonNegInt
+    weight_decay: NonNegFloat
+    beta1: Annotated[float, Field(ge=0, lt=1)]
+    beta2: Annotated[float, Field(ge=0, lt=1)]
+    grad_clip: PosFloat
+    eval_every: PosInt
+    eval_batches: PosInt
+    ckpt_every: PosInt
 
 
 # ---------------------------------------------------------------- paths
 class Paths(Section):
-    """Every input and output of every stage, written down once; dvc.yaml reads them
-    as ${paths.<key>} so deps/outs and the code can't drift apart."""
+    """Every input and output of every stage, written down once; dvc.yaml reads them as
+    ${paths.<key>}. Validated so that no output can be the project itself, a parent of
+    another path, or inside one: a stage replaces its outputs whole."""
 
-    raw: str = "data/raw"
-    filtered: str = "data/filtered"
-    dropped: str = "data/dropped"
-    quality_model: str = "models/quality"
-    dedup: str = "data/dedup"
-    mix: str = "data/mix"
-    tokenizer: str = "models/tokenizer"
-    tokens: str = "data/tokens"
-    reports: str = "reports"
-    base: str = "models/base"
-    sft: str = "models/sft"
-    preferences: str = "data/preferences"
-    human_preferences: str = "examples/preferences.jsonl"
-    reward: str = "models/reward"
-    rlhf: str = "models/rlhf"
-    checkpoints: str = "checkpoints"
+    sources: ProjectPath
+    raw: ProjectPath
+    filtered: ProjectPath
+    dropped: ProjectPath
+    quality_model: ProjectPath
+    dedup: ProjectPath
+    mix: ProjectPath
+    tokenizer: ProjectPath
+    tokens: ProjectPath
+    reports: ProjectPath
+    base: ProjectPath
+    sft: ProjectPath
+    preferences: ProjectPath
+    human_preferences: ProjectPath
+    reward: ProjectPath
+    rlhf: ProjectPath
+    checkpoints: ProjectPath
+
+    @model_validator(mode="after")
+    def _no_overlap(self) -> "Paths":
+        items = [(k, PurePosixPath(v)) for k, v in self.model_dump().items()]
+        for i, (ka, a) in enumerate(items):
+            for kb, b in items[i + 1 :]:
+                if a == b:
+                    raise ValueError(f"paths.{ka} and paths.{kb} are the same path ({a})")
+                if a in b.parents or b in a.parents:
+                    inner, outer = (ka, kb) if b in a.parents else (kb, ka)
+                    raise ValueError(f"paths.{inner} ({getattr(self, inner)}) lies inside paths.{outer} ({getattr(self, outer)})")
+        return self
 
 
 # ---------------------------------------------------------------- collect
@@ -75,14 +150,15 @@ class BuiltinSource(Section):
     name: Name
     role: Role
     corpus: Literal["python_docs", "python_code", "synthetic_crawl"]
-    limit: Annotated[int, Field(gt=0)] | None = None
-    num_docs: Annotated[int, Field(gt=0)] = 2000  # synthetic_crawl only
+    limit: PosInt | None = None
+    num_docs: PosInt = 2000  # synthetic_crawl only
     crawl_mix: CrawlMix = CrawlMix()  # synthetic_crawl only
 
 
 class HFSource(Section):
-    """`datasets.load_dataset(path, name, data_files=..., split=..., streaming=...)`: a hub
-    dataset name, or a packaged builder ("json", "parquet", "text", "csv") with local files."""
+    """`datasets.load_dataset(path, name, data_files=..., split=..., revision=...)`: a hub
+    dataset name, or a packaged builder ("json", "parquet", "text", "csv") with local files.
+    Pin `revision` (a commit of the hub dataset) to make a run reproducible."""
 
     kind: Literal["hf"]
     name: Name
@@ -91,10 +167,11 @@ class HFSource(Section):
     config_name: str | None = None
     data_files: str | list[str] | None = None
     split: str = "train"
+    revision: str | None = None
     text_field: str = "text"
     id_field: str | None = None
     streaming: bool = True
-    limit: Annotated[int, Field(gt=0)] | None = None
+    limit: PosInt | None = None
 
 
 class FilesSource(Section):
@@ -107,7 +184,7 @@ class FilesSource(Section):
     globs: list[str] = Field(min_length=1)
     text_field: str = "text"
     id_field: str | None = None
-    limit: Annotated[int, Field(gt=0)] | None = None
+    limit: PosInt | None = None
 
 
 Source = Annotated[Union[BuiltinSource, HFSource, FilesSource], Field(discriminator="kind")]
@@ -115,9 +192,9 @@ Source = Annotated[Union[BuiltinSource, HFSource, FilesSource], Field(discrimina
 
 class Collect(Section):
     sources: list[Source] = Field(min_length=1)
-    min_chars: Annotated[int, Field(ge=1)] = 1
-    max_chars: Annotated[int, Field(gt=0)] = 200_000
-    shard_docs: Annotated[int, Field(gt=0)] = 5000
+    min_chars: PosInt
+    max_chars: PosInt
+    shard_docs: PosInt
 
     @model_validator(mode="after")
     def _unique_names(self) -> "Collect":
@@ -132,56 +209,92 @@ class Collect(Section):
 class Rules(Section):
     """Heuristic document filters in the manner of Gopher (Rae et al. 2021) and C4."""
 
-    roles: list[Role] = ["reference", "crawl"]
-    min_words: Annotated[int, Field(ge=0)] = 30
-    max_words: Annotated[int, Field(gt=0)] = 100_000
-    min_mean_word_len: Annotated[float, Field(ge=0)] = 3.0
-    max_mean_word_len: Annotated[float, Field(gt=0)] = 10.0
-    max_symbol_word_ratio: Annotated[float, Field(ge=0)] = 0.1
-    min_alpha_word_fraction: Fraction = 0.7
-    min_punct_line_fraction: Fraction = 0.1
-    max_duplicate_line_fraction: Fraction = 0.3
-    max_top_2gram_fraction: Fraction = 0.2
-    max_duplicate_5gram_fraction: Fraction = 0.3
-    max_boilerplate_line_fraction: Fraction = 0.2
-    boilerplate_phrases: list[str] = [
-        "cookie", "privacy policy", "terms of use", "all rights reserved", "javascript",
-        "sign up", "log in", "subscribe", "click here", "lorem ipsum",
-    ]
+    roles: list[Role]
+    min_words: NonNegInt
+    max_words: PosInt
+    min_mean_word_len: NonNegFloat
+    max_mean_word_len: PosFloat
+    max_symbol_word_ratio: NonNegFloat
+    min_alpha_word_fraction: Fraction
+    min_punct_line_fraction: Fraction
+    max_duplicate_line_fraction: Fraction
+    max_top_2gram_fraction: Fraction
+    max_duplicate_5gram_fraction: Fraction
+    max_boilerplate_line_fraction: Fraction
+    min_stop_words: Annotated[int, Field(ge=0, le=8)]  # Gopher: at least 2 of the, be, to, of, and, that, have, with
+    max_bullet_line_fraction: Fraction
+    max_ellipsis_line_fraction: Fraction
+    boilerplate_phrases: list[str]
+
+
+class LineRules(Section):
+    """C4 works on lines: in documents of these roles, lines holding a boilerplate phrase
+    (whole words) and lines of fewer than `min_line_words` words that do not end in
+    punctuation (menus, buttons) are removed before the document rules."""
+
+    roles: list[Role]
+    min_line_words: NonNegInt
+
+
+class Language(Section):
+    """Language identification with langid.py (its model ships with the package)."""
+
+    enabled: bool
+    roles: list[Role]
+    languages: list[str] = Field(min_length=1)
+    min_probability: Fraction
+    max_chars: PosInt
 
 
 class Classifier(Section):
     """fastText quality classifier, trained as GPT-3's: reference sources are positives,
-    crawl sources negatives; applied to the roles listed in `apply_to_roles`."""
+    crawl sources negatives; applied to the roles listed in `apply_to_roles`. With
+    `enabled: false` (a crawl-only corpus has no positives) only rules and language apply."""
 
-    apply_to_roles: list[Role] = ["crawl"]
-    holdout_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
-    keep_rule: Literal["pareto", "threshold"] = "threshold"
-    threshold: Fraction = 0.1
-    pareto_alpha: Annotated[float, Field(gt=0)] = 9.0
-    epoch: Annotated[int, Field(gt=0)] = 10
-    lr: Annotated[float, Field(gt=0)] = 0.5
-    dim: Annotated[int, Field(gt=0)] = 32
-    word_ngrams: Annotated[int, Field(ge=1, le=5)] = 2
-    min_count: Annotated[int, Field(ge=1)] = 2
-    bucket: Annotated[int, Field(gt=0)] = 200_000
-    max_chars: Annotated[int, Field(gt=0)] = 20_000  # text fed to fastText per document
+    enabled: bool
+    max_train_docs: PosInt  # per class: the positives, and as many negatives
+    apply_to_roles: list[Role]
+    holdout_fraction: Annotated[float, Field(gt=0.0, lt=1.0)]
+    keep_rule: Literal["pareto", "threshold"]
+    threshold: Fraction
+    pareto_alpha: PosFloat
+    epoch: PosInt
+    lr: PosFloat
+    dim: PosInt
+    word_ngrams: Annotated[int, Field(ge=1, le=5)]
+    min_count: PosInt
+    bucket: PosInt
+    max_chars: PosInt  # text fed to fastText per document
 
 
 class Quality(Section):
-    rules: Rules = Rules()
-    classifier: Classifier = Classifier()
-    write_dropped: bool = True
+    lines: LineRules
+    rules: Rules
+    language: Language
+    classifier: Classifier
+    write_dropped: bool
 
 
 # ---------------------------------------------------------------- dedup
 class Dedup(Section):
-    shingle_words: Annotated[int, Field(ge=1, le=20)] = 5
-    num_perm: Annotated[int, Field(ge=16, le=1024)] = 128
-    threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.7
-    verify: bool = True  # keep only candidate pairs whose estimated Jaccard >= threshold
-    sample_clusters: Annotated[int, Field(ge=0)] = 5
-    role_priority: list[Role] = ["reference", "instruction", "code", "crawl"]
+    """MinHash LSH: `bands` x `rows` of the `num_perm` values decide which pairs become
+    candidates (the S-curve 1 - (1 - s^rows)^bands); `threshold` is the estimated Jaccard
+    similarity a candidate must reach to count as a duplicate."""
+
+    shingle_words: Annotated[int, Field(ge=1, le=20)]
+    num_perm: Annotated[int, Field(ge=16, le=1024)]
+    bands: PosInt
+    rows: PosInt
+    threshold: Annotated[float, Field(gt=0.0, lt=1.0)]
+    verify: bool  # keep only candidate pairs whose estimated Jaccard >= threshold (and the chaining guard)
+    sample_clusters: NonNegInt
+    role_priority: list[Role]
+
+    @model_validator(mode="after")
+    def _bands_fit(self) -> "Dedup":
+        if self.bands * self.rows > self.num_perm:
+            raise ValueError(f"bands x rows ({self.bands} x {self.rows}) must not exceed num_perm ({self.num_perm})")
+        return self
 
 
 # ---------------------------------------------------------------- mix
@@ -189,11 +302,11 @@ class Mix(Section):
     """Training mixture: target share per source (normalised), measured in `unit`.
     A source is repeated for several epochs or subsampled to hit its share."""
 
-    weights: dict[str, Annotated[float, Field(ge=0)]]
-    unit: Literal["bytes", "docs"] = "bytes"
-    total: Annotated[int, Field(gt=0)] | None = None  # None: the size of the deduped data
-    max_epochs: Annotated[float, Field(gt=0)] = 4.0
-    val_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.05
+    weights: dict[str, NonNegFloat]
+    unit: Literal["bytes", "docs"]
+    total: PosInt | None  # None: the size of the deduped data
+    max_epochs: PosFloat
+    val_fraction: Annotated[float, Field(gt=0.0, lt=0.5)]
 
     @model_validator(mode="after")
     def _some_weight(self) -> "Mix":
@@ -203,24 +316,14 @@ class Mix(Section):
 
 
 # ---------------------------------------------------------------- tokenizer / tokenize
-SPECIAL_TOKENS = {
-    "eot": "<|endoftext|>",
-    "user": "<|user|>",
-    "assistant": "<|assistant|>",
-    "end_of_turn": "<|end_of_turn|>",
-    "reward": "<|reward|>",
-    "pad": "<|pad|>",
-}
-
-
 class Tokenizer(Section):
-    vocab_size: Annotated[int, Field(ge=300, le=1_000_000)] = 8192
-    min_frequency: Annotated[int, Field(ge=1)] = 2
-    max_train_bytes: Annotated[int, Field(gt=0)] | None = None
+    vocab_size: Annotated[int, Field(ge=300, le=1_000_000)]
+    min_frequency: PosInt
+    max_train_bytes: PosInt | None
 
 
 class Tokenize(Section):
-    batch_docs: Annotated[int, Field(gt=0)] = 1000
+    batch_docs: PosInt
 
 
 # ---------------------------------------------------------------- model and training
@@ -228,14 +331,14 @@ class Model(Section):
     """Transformer size (vocab_size comes from the tokenizer). GPT-2 small: 12 layers,
     12 heads, d_model 768, max_seq_len 1024."""
 
-    n_layer: Annotated[int, Field(ge=1)] = 4
-    n_head: Annotated[int, Field(ge=1)] = 4
-    d_model: Annotated[int, Field(ge=8)] = 256
-    max_seq_len: Annotated[int, Field(ge=8)] = 256
-    mlp_ratio: Annotated[int, Field(ge=1)] = 4
-    positions: Literal["rope", "learned"] = "rope"
-    tie_embeddings: bool = True
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    n_layer: PosInt
+    n_head: PosInt
+    d_model: Annotated[int, Field(ge=8)]
+    max_seq_len: Annotated[int, Field(ge=8)]
+    mlp_ratio: PosInt
+    positions: Literal["rope", "learned"]
+    tie_embeddings: bool
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)]
 
     @model_validator(mode="after")
     def _heads(self) -> "Model":
@@ -244,33 +347,12 @@ class Model(Section):
         return self
 
 
-class TrainConfig(Section):
-    """Optimizer, schedule and runtime of one training stage."""
-
-    steps: Annotated[int, Field(ge=1)]
-    batch_size: Annotated[int, Field(ge=1)]
-    grad_accum: Annotated[int, Field(ge=1)] = 1
-    lr: Annotated[float, Field(gt=0)]
-    min_lr_ratio: Fraction = 0.1
-    warmup_steps: Annotated[int, Field(ge=0)] = 0
-    weight_decay: Annotated[float, Field(ge=0)] = 0.1
-    beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
-    beta2: Annotated[float, Field(ge=0, lt=1)] = 0.95
-    grad_clip: Annotated[float, Field(gt=0)] = 1.0
-    eval_every: Annotated[int, Field(ge=1)] = 100
-    eval_batches: Annotated[int, Field(ge=1)] = 8
-    ckpt_every: Annotated[int, Field(ge=1)] = 100
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    compile: bool = False  # torch.compile, CUDA only
-    peak_tflops: Annotated[float, Field(gt=0)] | None = None  # for MFU; known GPUs are detected
-
-
 class Pretrain(Section):
     train: TrainConfig
-    seq_len: Annotated[int, Field(ge=8)] | None = None  # None: model.max_seq_len
-    sample_prompts: list[str] = ["def ", "The "]
-    sample_tokens: Annotated[int, Field(ge=1)] = 48
+    compute: Compute
+    seq_len: Annotated[int, Field(ge=8)] | None  # None: model.max_seq_len
+    sample_prompts: list[str]
+    sample_tokens: PosInt
 
 
 class InstructionSource(Section):
@@ -286,7 +368,8 @@ class InstructionSource(Section):
     config_name: str | None = None
     data_files: str | list[str] | None = None
     split: str = "train"
-    limit: Annotated[int, Field(gt=0)] | None = None
+    revision: str | None = None
+    limit: PosInt | None = None
 
 
 class Instructions(Section):
@@ -294,124 +377,168 @@ class Instructions(Section):
     InstructGPT's separate SFT / RM / PPO prompt sets) and evaluation sees none of them."""
 
     sources: list[InstructionSource] = Field(min_length=1)
-    split: dict[Literal["sft", "sft_val", "rm", "ppo", "eval"], Annotated[float, Field(ge=0)]] = {
-        "sft": 0.5, "sft_val": 0.05, "rm": 0.2, "ppo": 0.2, "eval": 0.05}
-    max_prompt_tokens: Annotated[int, Field(ge=4)] = 64
-    max_response_tokens: Annotated[int, Field(ge=4)] = 96
+    split: dict[Literal["sft", "sft_val", "rm", "ppo", "eval"], NonNegFloat]
+    max_prompt_tokens: Annotated[int, Field(ge=4)]
+    max_response_tokens: Annotated[int, Field(ge=4)]
 
 
 class SFT(Section):
     train: TrainConfig
+    compute: Compute
+
+
+class Judge(Section):
+    """The programmatic `gold` judge (tasks/lib/judge.py): word-overlap F1 with the
+    reference answer, minus penalties for repetition and for never ending the turn."""
+
+    repetition_penalty: NonNegFloat
+    unfinished_penalty: NonNegFloat
 
 
 class Preferences(Section):
-    labeler: Literal["gold", "file"] = "gold"
-    prompts: Annotated[int, Field(ge=2)] = 200
-    k: Annotated[int, Field(ge=2, le=16)] = 4
-    max_new_tokens: Annotated[int, Field(ge=1)] = 48
-    temperature: Annotated[float, Field(gt=0)] = 1.0
-    top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
-    batch_size: Annotated[int, Field(ge=1)] = 32
-    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.15
-    repetition_penalty: Annotated[float, Field(ge=0)] = 0.5
-    unfinished_penalty: Annotated[float, Field(ge=0)] = 0.3
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # where the gold labeler's samples are drawn
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    labeler: Literal["gold", "file"]
+    prompts: Annotated[int, Field(ge=2)]
+    k: Annotated[int, Field(ge=2, le=16)]
+    sampling: Sampling
+    batch_size: PosInt
+    val_fraction: Annotated[float, Field(gt=0, lt=1)]
+    compute: Compute
 
 
 class Reward(Section):
     train: TrainConfig  # batch_size counts prompts: all C(K,2) pairs of a prompt share a batch
+    compute: Compute
 
 
 class KLControl(Section):
-    beta: Annotated[float, Field(ge=0)] = 0.05
-    adaptive: bool = True
-    target: Annotated[float, Field(gt=0)] = 2.0
-    horizon: Annotated[int, Field(ge=1)] = 1000
+    beta: NonNegFloat
+    adaptive: bool
+    target: PosFloat
+    horizon: PosInt
 
 
 class PPO(Section):
-    steps: Annotated[int, Field(ge=1)] = 40
-    batch_prompts: Annotated[int, Field(ge=2)] = 16
-    max_new_tokens: Annotated[int, Field(ge=1)] = 32
-    temperature: Annotated[float, Field(gt=0)] = 1.0
-    ppo_epochs: Annotated[int, Field(ge=1)] = 2
-    minibatches: Annotated[int, Field(ge=1)] = 2
-    lr: Annotated[float, Field(gt=0)] = 1e-5
-    value_lr: Annotated[float, Field(gt=0)] = 5e-5
-    clip: Annotated[float, Field(gt=0)] = 0.2
-    value_clip: Annotated[float, Field(gt=0)] = 0.2
-    vf_coef: Annotated[float, Field(ge=0)] = 0.5
-    entropy_coef: Annotated[float, Field(ge=0)] = 0.0
-    gamma: Annotated[float, Field(gt=0, le=1)] = 1.0
-    lam: Annotated[float, Field(ge=0, le=1)] = 0.95
-    whiten_advantages: bool = True
-    grad_clip: Annotated[float, Field(gt=0)] = 1.0
-    kl: KLControl = KLControl()
-    ptx_coef: Annotated[float, Field(ge=0)] = 0.0  # PPO-ptx: weight of the pretraining loss
-    ptx_batch: Annotated[int, Field(ge=1)] = 4
-    ckpt_every: Annotated[int, Field(ge=1)] = 10
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    steps: PosInt
+    batch_prompts: Annotated[int, Field(ge=2)]
+    sampling: Sampling
+    ppo_epochs: PosInt
+    minibatches: PosInt
+    lr: PosFloat
+    value_lr: PosFloat
+    clip: PosFloat
+    value_clip: PosFloat
+    vf_coef: NonNegFloat
+    entropy_coef: NonNegFloat
+    gamma: Annotated[float, Field(gt=0, le=1)]
+    lam: Annotated[float, Field(ge=0, le=1)]
+    whiten_advantages: bool
+    grad_clip: PosFloat
+    kl: KLControl
+    missing_eos_penalty: NonNegFloat  # subtracted from the score of a response that never ends its turn
+    ptx_coef: NonNegFloat  # PPO-ptx: weight of the pretraining loss
+    ptx_batch: PosInt
+    ckpt_every: PosInt
+    compute: Compute
+
+    @model_validator(mode="after")
+    def _full_support(self) -> "PPO":
+        # the ratio and the KL are computed on the whole (temperature-scaled) distribution;
+        # nucleus sampling would draw from a truncated one and bias both
+        if self.sampling.top_p != 1.0:
+            raise ValueError(f"ppo.sampling.top_p must be 1.0 (is {self.sampling.top_p}): PPO's log-probs refer to the full distribution")
+        return self
 
 
 class Promotion(Section):
-    """When the candidate (the newest version of `model`) beats the current `champion` on
-    `metric` by at least `min_margin` (re-measured on this run's evaluation prompts), the
-    alias moves; otherwise the candidate becomes `challenger`."""
+    """When the candidate (the evaluated version of `model`) beats the current `champion` on
+    `metric` by more than `min_margin` (re-measured on this run's evaluation prompts; a tie
+    does not promote), the alias moves; otherwise the candidate becomes `challenger`."""
 
-    model: Literal["rlhf", "sft"] = "rlhf"
-    metric: Literal["win_rate_vs_sft_rm", "win_rate_vs_sft_gold", "rm_score", "gold_score"] = "win_rate_vs_sft_rm"
-    min_margin: Annotated[float, Field(ge=0)] = 0.0
+    model: Literal["rlhf", "sft"]
+    # gold: an independent judge; rm: the reward model PPO optimised (it can be exploited)
+    metric: Literal["win_rate_vs_sft_gold", "gold_score", "win_rate_vs_sft_rm", "rm_score"]
+    min_margin: NonNegFloat
 
 
 class Evaluate(Section):
-    prompts: Annotated[int, Field(ge=2)] = 64
-    samples_per_prompt: Annotated[int, Field(ge=2)] = 2  # >= 2 to measure self-similarity
-    max_new_tokens: Annotated[int, Field(ge=1)] = 48
-    temperature: Annotated[float, Field(gt=0)] = 0.7
-    top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
-    few_shot: Annotated[int, Field(ge=0)] = 3  # examples in the base model's document-style prompt
-    val_batches: Annotated[int, Field(ge=1)] = 8
-    samples_in_report: Annotated[int, Field(ge=0)] = 5
-    promotion: Promotion = Promotion()
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    prompts: Annotated[int, Field(ge=2)]
+    samples_per_prompt: Annotated[int, Field(ge=2)]  # >= 2 to measure self-similarity
+    sampling: Sampling
+    few_shot: NonNegInt  # examples in the base model's document-style prompt
+    val_batches: PosInt
+    samples_in_report: NonNegInt
+    promotion: Promotion
+    compute: Compute
 
 
 # ---------------------------------------------------------------- operations
+class Executor(Section):
+    """Where the data stages run their per-shard work: `local` (a process pool of
+    `workers`, 0 = one per core) or `ray` (a Ray cluster at `ray_address`, none = a local
+    instance). Not a DVC param: it changes how the work runs, not its outputs."""
+
+    kind: Literal["local", "ray"]
+    workers: NonNegInt
+    ray_address: str | None
+
+
 class MLflow(Section):
-    experiment: str = "gpt-pipeline"
+    experiment: Annotated[str, Field(min_length=1)]
+
+
+def _cron(v: str) -> str:
+    from datetime import datetime
+
+    from cronsim import CronSim, CronSimError  # what Prefect's own schedules use
+
+    try:
+        CronSim(v, datetime(2026, 1, 1))
+    except CronSimError as err:
+        raise ValueError(f"not a valid cron expression ({err})") from None
+    return v
+
+
+def _timezone(v: str) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(v)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError("not an IANA time zone name (e.g. UTC, Europe/Berlin)") from None
+    return v
 
 
 class Orchestration(Section):
     """The Prefect flow: retries per stage and the schedule of the served deployment."""
 
-    retries: Annotated[int, Field(ge=0)] = 1
-    retry_delay_s: Annotated[int, Field(ge=0)] = 10
-    deployment_name: str = "gpt-pipeline-nightly"
-    cron: str = "0 2 * * *"
+    retries: NonNegInt
+    retry_delay_s: NonNegInt
+    deployment_name: Annotated[str, Field(min_length=1)]
+    cron: Annotated[str, AfterValidator(_cron)]
+    timezone: Annotated[str, AfterValidator(_timezone)]
 
 
 class Params(Section):
-    seed: int = 1337
-    paths: Paths = Paths()
-    mlflow: MLflow = MLflow()
-    orchestration: Orchestration = Orchestration()
+    seed: Seed
+    paths: Paths
+    mlflow: MLflow
+    orchestration: Orchestration
+    executor: Executor
     collect: Collect
-    quality: Quality = Quality()
-    dedup: Dedup = Dedup()
+    quality: Quality
+    dedup: Dedup
     mix: Mix
-    tokenizer: Tokenizer = Tokenizer()
-    tokenize: Tokenize = Tokenize()
-    model: Model = Model()
+    tokenizer: Tokenizer
+    tokenize: Tokenize
+    model: Model
     pretrain: Pretrain
     instructions: Instructions
     sft: SFT
-    preferences: Preferences = Preferences()
+    judge: Judge
+    preferences: Preferences
     reward: Reward
-    ppo: PPO = PPO()
-    evaluate: Evaluate = Evaluate()
+    ppo: PPO
+    evaluate: Evaluate
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Params":
@@ -426,12 +553,10 @@ class Params(Section):
         return self
 
 
-def _format_errors(err: ValidationError, source: str, raw: Any) -> str:
+def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"{source}: {err.error_count()} invalid value(s)"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
-        # pydantic reports discriminated unions with the tag as a path element; keep it, it
-        # tells the user which kind of source the error is about.
         value = e.get("input")
         shown = repr(value) if not isinstance(value, dict) else "{…}"
         if e["type"] == "extra_forbidden":
@@ -439,28 +564,46 @@ def _format_errors(err: ValidationError, source: str, raw: Any) -> str:
         elif e["type"] == "missing":
             lines.append(f"  {loc}: required key is missing")
         else:
-            lines.append(f"  {loc} = {shown}: {e['msg']}")
+            lines.append(f"  {loc} = {shown}: {e['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
+
+
+def _finite(obj: Any, where: str = "") -> None:
+    """YAML's .inf/.nan inside free-form mappings (mix.weights) are caught here too."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        raise ConfigError(f"params: {where or 'value'} = {obj}: must be a finite number")
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _finite(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _finite(v, f"{where}.{i}")
 
 
 def parse_params(raw: Any, source: str = "params") -> Params:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
     try:
+        _finite(raw)
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("params:", f"{source}:", 1)) from None
+    try:
         return Params.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source, raw)) from None
+        raise ConfigError(_format_errors(err, source)) from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file (run from the project root, or pass --params)")
+def load_params(path: str = "params.yaml") -> Params:
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such file (run from the project root, or pass --params)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return parse_params(raw, str(path))
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{p}: not valid YAML: {err}") from None
+    return parse_params(raw, str(p))
 
 
 def section_dict(params: Params, dotted: str) -> Any:

@@ -1,63 +1,155 @@
-"""dedup: exact and near-duplicate removal, within and across sources.
+"""dedup: exact and near-duplicate removal, within and across sources, as map -> shuffle -> reduce.
 
     python -m tasks.dedup              # what `dvc repro dedup` runs
 
-1. Exact: documents whose normalised text (lower case, punctuation dropped, whitespace
-   collapsed) hashes the same.
-2. Near: MinHash signatures of word shingles (datasketch), MinHash LSH for candidate pairs,
-   each pair verified by its estimated Jaccard similarity (`dedup.verify`), clusters as the
-   connected components of exact groups and verified pairs (union-find).
-3. One document per cluster is kept: the one from the highest role in
-   `dedup.role_priority`, then the longest, then the smallest id (deterministic).
+1. map       per shard, in parallel (tasks/lib/executor.py): normalise the text, hash it
+             (exact key), MinHash the word shingles (tasks/lib/minhash.py, rensa), cut the
+             signature into LSH bands; signatures and band keys go to disk
+2. shuffle   per band, the keys of all documents are sorted: equal keys form a bucket
+3. edges     each member of a bucket is linked to the bucket's first document (linear in the
+             bucket's size, not quadratic), an edge kept only when their estimated Jaccard
+             similarity reaches `threshold`; exact duplicates are linked to their group's first
+4. clusters  connected components of the edges (union-find, scipy)
+5. keep      per cluster one document: the highest role in `role_priority`; among those, the
+             original that the others extend (a copy with appended boilerplate contains the
+             original's text as its prefix), else the first in input order. Then the chaining
+             guard: a member whose similarity to the kept document is below `threshold` (it
+             joined through a chain of weak links) is released and kept as its own document
+6. write     per shard, in parallel: the kept rows
 
-At scale the same three steps are map (signatures per shard), shuffle (group by band hash)
-and reduce (union-find over candidate pairs). Metrics: removed per source (exact / near),
-cluster sizes, sample clusters (`reports/dedup_clusters.json`) and pairwise precision/recall
-against the ground truth of generated documents (`meta.duplicate_of`).
+Memory stays bounded: texts are read one shard at a time; what the reduce holds is a few
+numbers per document (the signatures are memory-mapped from disk). Metrics: removed per
+source (exact / near), cluster sizes, candidate pairs and edges, documents released by the
+chaining guard, sample clusters (`reports/dedup/clusters.json`) and pairwise precision /
+recall against the ground truth of generated documents (`meta.duplicate_of`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
+import sys
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from math import comb
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from tasks.config import Dedup, Params
-from tasks.storage import ShardWriter, atomic_dir, progress, read_docs, source_folders, write_json
+from tasks.config import Params
+from tasks.lib.storage import DOC_SCHEMA, atomic_dir, read_shard_table, shard_files, source_folders, write_json
 
 STAGE = "dedup"
 PARAMS = ("seed", "collect.sources", "dedup")
+UNTRACKED = ("executor",)  # how, not what: the outputs are the same on any executor
 INPUTS = ("filtered",)
-OUTPUTS = ("dedup",)
-
-_NON_WORD = re.compile(r"[^\w\s]+")
+OUTPUTS = ("dedup", "report")
 
 
-def normalise(text: str) -> list[str]:
-    return _NON_WORD.sub(" ", text.lower()).split()
+# ----------------------------------------------------------------------------- 1. map
+@dataclass(frozen=True)
+class SignTask:
+    index: int
+    path: str
+    work: str
+    shingle: int
+    num_perm: int
+    bands: int
+    rows: int
+    seed: int
 
 
-def shingles(words: list[str], k: int) -> set[bytes]:
-    if len(words) <= k:
-        return {" ".join(words).encode()}
-    return {" ".join(words[i : i + k]).encode() for i in range(len(words) - k + 1)}
+def sketch(texts: pa.Array, shingle: int, num_perm: int, bands: int, rows: int, seed: int) -> tuple[np.ndarray, ...]:
+    """(signatures, band keys, exact keys (N, 2), word counts) of a batch of texts."""
+    import xxhash
+
+    from tasks.lib import minhash as mh
+
+    words = mh.normalised_words(texts)
+    sig = mh.signatures(words, shingle, num_perm, seed)
+    keys = mh.band_keys(sig, bands, rows)
+    norm = mh.normalised_text(words).to_pylist()
+    digests = b"".join(xxhash.xxh3_128_digest((t or "").encode()) for t in norm)  # big-endian: high, low
+    exact = np.frombuffer(digests, dtype=">u8").astype(np.uint64).reshape(-1, 2)
+    nwords = np.diff(words.offsets.to_numpy()).astype(np.int64)
+    return sig, keys, exact, nwords
 
 
+def sign_shard(task: SignTask) -> dict[str, Any]:
+    """Signatures, band keys, exact keys and word counts of one shard, written to `work`."""
+    table = read_shard_table(Path(task.path), ["id", "text", "meta"])
+    sig, keys, exact2, nwords = sketch(table.column("text").combine_chunks(), task.shingle, task.num_perm, task.bands, task.rows, task.seed)
+    work = Path(task.work)
+    np.save(work / f"sig-{task.index:06d}.npy", sig)
+    np.save(work / f"keys-{task.index:06d}.npy", keys)
+    np.save(work / f"exact-{task.index:06d}.npy", exact2)
+    np.save(work / f"nwords-{task.index:06d}.npy", nwords)
+    truth, has_truth = [], False
+    for doc_id, meta in zip(table.column("id").to_pylist(), table.column("meta").to_pylist()):
+        dup = json.loads(meta).get("duplicate_of") if meta and '"duplicate_of"' in meta else None
+        has_truth = has_truth or dup is not None
+        truth.append(dup or doc_id)
+    return {"docs": len(nwords), "truth": truth, "has_truth": has_truth}
+
+
+@dataclass(frozen=True)
+class PrefixTask:
+    path: str
+    rows: tuple[int, ...]
+    lengths: tuple[int, ...]
+
+
+def prefix_hashes(task: PrefixTask) -> list[int]:
+    """The exact key of the first `length` normalised words of each requested row."""
+    import xxhash
+
+    from tasks.lib import minhash as mh
+
+    text = read_shard_table(Path(task.path), ["text"]).column("text").combine_chunks()
+    words = mh.normalised_words(text.take(pa.array(task.rows, type=pa.int64()))).to_pylist()
+    return [xxhash.xxh3_128_intdigest(" ".join((w or [])[:n]).encode()) for w, n in zip(words, task.lengths)]
+
+
+@dataclass(frozen=True)
+class WriteTask:
+    path: str
+    out: str
+    keep: bytes  # packed boolean mask of the shard's rows
+    sizes: bytes  # int32 cluster size per row
+    rows: int
+    sample_rows: tuple[int, ...]
+
+
+def write_shard(task: WriteTask) -> dict[int, str]:
+    """Write the kept rows of one shard (cluster size added to meta); return the first 300
+    characters of the rows asked for the report's sample clusters."""
+    table = read_shard_table(Path(task.path), None)
+    keep = np.unpackbits(np.frombuffer(task.keep, dtype=np.uint8))[: task.rows].astype(bool)
+    sizes = np.frombuffer(task.sizes, dtype=np.int32)
+    metas = table.column("meta").to_pylist()
+    new_meta = [json.dumps({**json.loads(m), "dedup_cluster_size": int(sizes[i])}, sort_keys=True) for i, m in enumerate(metas)]
+    table = table.set_column(3, "meta", pa.array(new_meta, pa.string()))
+    kept = table.filter(pa.array(keep))
+    Path(task.out).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(kept.cast(DOC_SCHEMA), task.out, compression="zstd")
+    texts = table.column("text")
+    return {r: texts[r].as_py()[:300] for r in task.sample_rows}
+
+
+# ----------------------------------------------------------------------------- 3-5. the reduce
 class UnionFind:
     def __init__(self, n: int):
-        self.parent = list(range(n))
+        self.parent = np.arange(n)
 
     def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
+        root = i
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[i] != root:  # path compression
+            self.parent[i], i = root, self.parent[i]
+        return int(root)
 
     def union(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
@@ -65,45 +157,101 @@ class UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def find_clusters(texts: list[str], cfg: Dedup, seed: int) -> tuple[list[int], dict[str, int]]:
-    """Cluster id (the smallest member index) per document, and how many pairs each step found."""
-    from datasketch import LeanMinHash, MinHash, MinHashLSH
+def bucket_edges(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first, member) pairs linking every member of a bucket (equal keys) to its first
+    document in input order: len(bucket) - 1 edges per bucket."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    new_group = np.ones(len(order), dtype=bool)
+    new_group[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    group_first = order[np.maximum.accumulate(np.where(new_group, np.arange(len(order)), 0))]
+    member = ~new_group
+    return group_first[member], order[member]
 
-    uf = UnionFind(len(texts))
-    words = [normalise(t) for t in texts]
-    # 1. exact duplicates of the normalised text
-    first: dict[bytes, int] = {}
-    exact_pairs = 0
-    for i, w in enumerate(words):
-        h = hashlib.sha1(" ".join(w).encode()).digest()
-        if h in first:
-            uf.union(first[h], i)
-            exact_pairs += 1
-        else:
-            first[h] = i
-    reps = sorted(first.values())
-    # 2. near duplicates among the exact representatives
-    lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm)
-    sigs: dict[int, LeanMinHash] = {}
-    for i in progress(reps, desc="minhash"):
-        m = MinHash(num_perm=cfg.num_perm, seed=seed)
-        m.update_batch(list(shingles(words[i], cfg.shingle_words)))
-        sigs[i] = LeanMinHash(m)
-        lsh.insert(i, sigs[i])
+
+def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Label of each node: the smallest index of its connected component."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    first = np.full(labels.max() + 1 if n else 0, n, dtype=np.int64)
+    np.minimum.at(first, labels, np.arange(n))
+    return first[labels]
+
+
+def find_clusters(sig: np.ndarray, keys: np.ndarray, exact: np.ndarray, threshold: float, verify: bool) -> tuple[np.ndarray, dict[str, int]]:
+    """Cluster label per document (the smallest member index) from exact keys and LSH band
+    keys, and counts of what each step found. `sig` may be a memory map."""
+    from tasks.lib.minhash import jaccard
+
+    n = len(exact)
+    # exact duplicates: linked to the first document with the same normalised text
+    ea, eb = bucket_edges(exact[:, 0] ^ (exact[:, 1] * np.uint64(0x9E3779B97F4A7C15)) if n else np.zeros(0, np.uint64))
+    same = (exact[ea] == exact[eb]).all(1) if len(ea) else np.zeros(0, bool)  # a 64-bit collision is not a duplicate
+    ea, eb = ea[same], eb[same]
+    is_rep = np.ones(n, dtype=bool)
+    is_rep[eb] = False
+    reps = np.flatnonzero(is_rep)
+    edges_a, edges_b = [ea], [eb]
     candidates = verified = 0
-    for i in reps:
-        for j in lsh.query(sigs[i]):
-            if j <= i:
-                continue
-            candidates += 1
-            if cfg.verify and sigs[i].jaccard(sigs[j]) < cfg.threshold:
-                continue
-            verified += 1
-            uf.union(i, j)
-    return [uf.find(i) for i in range(len(texts))], {"exact_pairs": exact_pairs, "candidate_pairs": candidates, "near_pairs": verified}
+    for band in range(keys.shape[1]):
+        fa, fb = bucket_edges(keys[reps, band])
+        fa, fb = reps[fa], reps[fb]
+        candidates += len(fa)
+        if verify and len(fa):
+            ok = np.zeros(len(fa), dtype=bool)
+            for s in range(0, len(fa), 100_000):  # bounded memory: signatures read in blocks
+                ok[s : s + 100_000] = jaccard(np.asarray(sig[fa[s : s + 100_000]]), np.asarray(sig[fb[s : s + 100_000]])) >= threshold
+            fa, fb = fa[ok], fb[ok]
+        verified += len(fa)
+        edges_a.append(fa)
+        edges_b.append(fb)
+    labels = components(n, np.concatenate(edges_a), np.concatenate(edges_b))
+    return labels, {"exact_pairs": int(len(ea)), "candidate_pairs": int(candidates), "near_edges": int(verified)}
 
 
-def pairwise_scores(pred: list[int], truth: list[str]) -> dict[str, float]:
+def choose_keep(labels: np.ndarray, role_rank: np.ndarray, nwords: np.ndarray, exact: np.ndarray, prefix_of) -> np.ndarray:
+    """The kept document of each multi-member cluster: {label: index}. `prefix_of(requests)`
+    takes {index: length} and returns {index: exact key of its first `length` words}."""
+    order = np.lexsort((np.arange(len(labels)), role_rank, labels))  # by cluster, then role, then input order
+    keep: dict[int, int] = {}
+    contenders: dict[int, list[int]] = defaultdict(list)
+    start = 0
+    while start < len(order):
+        label = labels[order[start]]
+        end = start
+        while end < len(order) and labels[order[end]] == label:
+            end += 1
+        members = order[start:end]
+        if len(members) > 1:
+            best = members[role_rank[members] == role_rank[members[0]]]
+            keep[int(label)] = int(best[0])
+            texts = {tuple(exact[i]) for i in best}
+            if len(texts) > 1:
+                contenders[int(label)] = [int(i) for i in best]
+        start = end
+    # the original is the shortest contender when another contender extends it (its prefix)
+    requests: dict[int, int] = {}
+    shortest: dict[int, int] = {}
+    for label, best in contenders.items():
+        s = min(best, key=lambda i: (nwords[i], i))
+        shortest[label] = s
+        for i in best:
+            if i != s:
+                requests[i] = int(nwords[s])
+    prefixes = prefix_of(requests) if requests else {}
+    for label, best in contenders.items():
+        s = shortest[label]
+        full = (int(exact[s][0]) << 64) | int(exact[s][1])
+        if any(prefixes.get(i) == full for i in best if i != s):
+            keep[label] = s
+    return keep
+
+
+# ----------------------------------------------------------------------------- the stage
+def pairwise_scores(pred: list, truth: list) -> dict[str, float]:
     """Pairwise precision/recall of a clustering against ground-truth clusters."""
     def pairs(counter: Counter) -> int:
         return sum(comb(n, 2) for n in counter.values())
@@ -114,64 +262,124 @@ def pairwise_scores(pred: list[int], truth: list[str]) -> dict[str, float]:
 
 
 def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict:
-    cfg = params.dedup
+    from tasks.lib.executor import Executor
+    from tasks.lib.minhash import jaccard
+
+    cfg, ex = params.dedup, params.executor
     roles = {s.name: s.role for s in params.collect.sources}
-    rows = [r for name, folder in source_folders(inputs["filtered"]).items() if name in roles for r in read_docs(folder)]
-    cluster, found = find_clusters([r["text"] for r in rows], cfg, params.seed)
-
-    # 3. keep one document per cluster
     rank = {role: i for i, role in enumerate(cfg.role_priority)}
-    members: dict[int, list[int]] = defaultdict(list)
-    for i, c in enumerate(cluster):
-        members[c].append(i)
-    keep = set()
-    for idx in members.values():
-        keep.add(min(idx, key=lambda i: (rank.get(roles[rows[i]["source"]], len(rank)), -len(rows[i]["text"]), rows[i]["id"])))
+    shards = [(name, f) for name, folder in source_folders(inputs["filtered"]).items() if name in roles for f in shard_files(folder)]
+    with atomic_dir(outputs["dedup"]) as out, Executor(ex.kind, ex.workers, ex.ray_address, desc="dedup") as pool:
+        work = out / ".work"
+        work.mkdir()
+        # 1. map
+        tasks = [SignTask(i, str(f), str(work), cfg.shingle_words, cfg.num_perm, cfg.bands, cfg.rows, params.seed) for i, (_, f) in enumerate(shards)]
+        signed = pool.map(sign_shard, tasks)
+        counts = np.array([r["docs"] for r in signed], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        n = int(offsets[-1])
+        # 2. shuffle: gather the keys (a few numbers per document) and memory-map the signatures
+        keys = np.concatenate([np.load(work / f"keys-{i:06d}.npy") for i in range(len(shards))]) if shards else np.zeros((0, cfg.bands), np.uint64)
+        exact = np.concatenate([np.load(work / f"exact-{i:06d}.npy") for i in range(len(shards))]) if shards else np.zeros((0, 2), np.uint64)
+        nwords = np.concatenate([np.load(work / f"nwords-{i:06d}.npy") for i in range(len(shards))]) if shards else np.zeros(0, np.int64)
+        sig = np.lib.format.open_memmap(work / "sig.npy", mode="w+", dtype=np.uint32, shape=(n, cfg.num_perm))
+        for i in range(len(shards)):
+            sig[offsets[i] : offsets[i + 1]] = np.load(work / f"sig-{i:06d}.npy", mmap_mode="r")
+            (work / f"sig-{i:06d}.npy").unlink()
+        sig.flush()
+        source_of = np.repeat(np.arange(len(shards)), counts)
+        shard_source = [name for name, _ in shards]
+        role_rank = np.array([rank.get(roles[shard_source[s]], len(rank)) for s in source_of], dtype=np.int64)
+        # 3-4. edges and clusters
+        labels, found = find_clusters(sig, keys, exact, cfg.threshold, cfg.verify)
 
-    exact_key = [hashlib.sha1(" ".join(normalise(r["text"])).encode()).digest() for r in rows]
+        # 5. keep one per cluster, then the chaining guard
+        def prefix_of(requests: dict[int, int]) -> dict[int, int]:
+            by_shard: dict[int, list[int]] = defaultdict(list)
+            for g in sorted(requests):
+                by_shard[int(source_of[g])].append(g)
+            jobs = [(s, PrefixTask(str(shards[s][1]), tuple(int(g - offsets[s]) for g in gs), tuple(requests[g] for g in gs)))
+                    for s, gs in by_shard.items()]
+            results = pool.map(prefix_hashes, [j for _, j in jobs])
+            return {g: h for (s, _), hs in zip(jobs, results) for g, h in zip(by_shard[s], hs)}
+
+        keep_of = choose_keep(labels, role_rank, nwords, exact, prefix_of)
+        keep_idx = np.array([keep_of.get(int(lab), i) for i, lab in enumerate(labels)], dtype=np.int64)
+        in_cluster = keep_idx != np.arange(n)
+        same_text = (exact == exact[keep_idx]).all(1)
+        weak = in_cluster & ~same_text
+        if cfg.verify and weak.any():
+            idx = np.flatnonzero(weak)
+            sim = np.concatenate([jaccard(np.asarray(sig[idx[s : s + 100_000]]), np.asarray(sig[keep_idx[idx[s : s + 100_000]]]))
+                                  for s in range(0, len(idx), 100_000)])
+            released = idx[sim < cfg.threshold]
+        else:
+            released = np.zeros(0, dtype=np.int64)
+        final = keep_idx.copy()
+        final[released] = released  # a released document is its own cluster
+        kept = final == np.arange(n)
+        size = np.bincount(final, minlength=n)[final].astype(np.int32)
+
+        # 6. write, and pick the sample clusters shown in the report
+        multi = np.flatnonzero(kept & (size > 1))
+        rng = np.random.default_rng(params.seed)
+        picks = sorted(rng.choice(multi, size=min(cfg.sample_clusters, len(multi)), replace=False).tolist()) if len(multi) else []
+        sample_members = {k: np.flatnonzero(final == k)[:10].tolist() for k in picks}
+        wanted = {g for ms in sample_members.values() for g in ms}
+        writes = []
+        for s, (name, path) in enumerate(shards):
+            lo, hi = int(offsets[s]), int(offsets[s + 1])
+            rows = tuple(int(g - lo) for g in sorted(wanted) if lo <= g < hi)
+            writes.append(WriteTask(str(path), str(out / name / path.name), np.packbits(kept[lo:hi]).tobytes(),
+                                    size[lo:hi].tobytes(), hi - lo, rows))
+        snippets = pool.map(write_shard, writes)
+        import shutil
+
+        shutil.rmtree(work)
+        for name in sorted(set(shard_source)):
+            (out / name).mkdir(parents=True, exist_ok=True)
+
+    # metrics
+    text_of = {int(offsets[s]) + r: t for s, snip in enumerate(snippets) for r, t in snip.items()}
+    ids_needed = wanted
+    ids = {}
+    if ids_needed:
+        for s, (_, path) in enumerate(shards):
+            lo, hi = int(offsets[s]), int(offsets[s + 1])
+            rows = [g - lo for g in ids_needed if lo <= g < hi]
+            if rows:
+                col = read_shard_table(path, ["id"]).column("id")
+                ids.update({lo + r: col[r].as_py() for r in rows})
+    samples = [[{"id": ids[g], "kept": bool(g == k), "text": text_of[g]} for g in members] for k, members in sample_members.items()]
+    with atomic_dir(outputs["report"]) as rep:
+        write_json(rep / "clusters.json", samples)
     per_source: dict[str, Counter] = defaultdict(Counter)
-    with atomic_dir(outputs["dedup"]) as out:
-        writers = {name: ShardWriter(out / name, params.collect.shard_docs) for name in sorted({r["source"] for r in rows})}
-        for i, r in enumerate(rows):
-            s = per_source[r["source"]]
-            s["docs_in"] += 1
-            if i in keep:
-                s["kept"] += 1
-                size = len(members[cluster[i]])
-                writers[r["source"]].add({**r, "meta": json.dumps({**json.loads(r["meta"]), "dedup_cluster_size": size}, sort_keys=True)})
-            else:
-                kept_twin = next(j for j in members[cluster[i]] if j in keep)
-                s["exact_removed" if exact_key[kept_twin] == exact_key[i] else "near_removed"] += 1
-        for w in writers.values():
-            w.close()
-
-    sizes = Counter(len(m) for m in members.values() if len(m) > 1)
+    removed = ~kept
+    exact_removed = removed & (exact == exact[final]).all(1)
+    for s, name in enumerate(shard_source):
+        lo, hi = int(offsets[s]), int(offsets[s + 1])
+        c = per_source[name]
+        c["docs_in"] += hi - lo
+        c["kept"] += int(kept[lo:hi].sum())
+        c["exact_removed"] += int(exact_removed[lo:hi].sum())
+        c["near_removed"] += int((removed & ~exact_removed)[lo:hi].sum())
+    cluster_sizes = Counter(size[kept & (size > 1)].tolist())
     bins = {"2": 0, "3": 0, "4-5": 0, "6-10": 0, "11+": 0}
-    for size, n in sizes.items():
-        key = "2" if size == 2 else "3" if size == 3 else "4-5" if size <= 5 else "6-10" if size <= 10 else "11+"
-        bins[key] += n
-    dup_clusters = sorted((m for m in members.values() if len(m) > 1), key=lambda m: (-len(m), m[0]))
-    rng = np.random.default_rng(params.seed)
-    picks = sorted(rng.choice(len(dup_clusters), size=min(cfg.sample_clusters, len(dup_clusters)), replace=False)) if dup_clusters else []
-    samples = [[{"id": rows[i]["id"], "kept": i in keep, "text": rows[i]["text"][:300]} for i in dup_clusters[k]] for k in picks]
-    write_json(Path(params.paths.reports) / "dedup_clusters.json", samples)
-
+    for sz, cnt in cluster_sizes.items():
+        key = "2" if sz == 2 else "3" if sz == 3 else "4-5" if sz <= 5 else "6-10" if sz <= 10 else "11+"
+        bins[key] += cnt
     metrics: dict[str, Any] = {
-        "sources": {n: {k: int(s[k]) for k in ("docs_in", "kept", "exact_removed", "near_removed")} for n, s in sorted(per_source.items())},
-        "docs_in": len(rows),
-        "kept": len(keep),
-        "clusters_with_duplicates": len(dup_clusters),
-        "cluster_sizes": bins,
-        "largest_cluster": max((len(m) for m in members.values()), default=0),
-        **found,
+        "sources": {name: {k: int(c[k]) for k in ("docs_in", "kept", "exact_removed", "near_removed")} for name, c in sorted(per_source.items())},
+        "docs_in": n, "kept": int(kept.sum()),
+        "clusters_with_duplicates": int(len(multi)), "cluster_sizes": bins, "largest_cluster": int(size.max()) if n else 0,
+        "released_by_chaining_guard": int(len(released)), **found,
     }
-    truth = [json.loads(r["meta"]).get("duplicate_of") or r["id"] for r in rows]
-    if any(json.loads(r["meta"]).get("duplicate_of") for r in rows):
-        metrics["vs_ground_truth"] = pairwise_scores(cluster, truth)
+    if any(r["has_truth"] for r in signed):
+        metrics["vs_ground_truth"] = pairwise_scores(final.tolist(), [t for r in signed for t in r["truth"]])
     return metrics
 
 
 if __name__ == "__main__":
     from tasks.stage import main
 
-    raise SystemExit(main(STAGE, run, PARAMS, INPUTS, OUTPUTS))
+    raise SystemExit(main(sys.modules[__name__]))

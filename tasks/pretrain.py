@@ -3,55 +3,37 @@
     python -m tasks.pretrain                              # what `dvc repro pretrain` runs
     torchrun --nproc_per_node 2 -m tasks.pretrain         # DDP (gloo on CPU, nccl on GPU)
 
-Batches are B random windows of T+1 tokens from `data/tokens/train.bin`, drawn from a
-generator seeded by (seed, step, micro-batch, rank), so a resumed run sees the same data.
-Validation loss on fixed windows of `val.bin`; sample generations at each evaluation go to
-MLflow as text. The metrics compare the final validation loss with the unigram entropy of
-the training tokens (what a model that ignores context would reach).
+1. data      B random windows of T+1 tokens from `data/tokens/train.bin`, drawn from a
+             generator seeded by (seed, step, micro-batch, rank): a resumed run sees the same data
+2. model     the GPT of `model` in params.yaml, vocabulary from the tokenizer
+3. train     the shared loop (tasks/lib/train.py); validation loss on fixed windows of
+             `val.bin` and sample generations (to MLflow) at each evaluation
+4. write     `models/base/` (safetensors + config + tokenizer), the training curves in
+             `reports/pretrain/` (DVC plots), the registered version `base`
+
+The metrics compare the final validation loss with the unigram entropy of the training
+tokens (what a model that ignores context would reach).
 """
 
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from tasks.config import Params
-from tasks.model import GPT, ModelConfig
-from tasks.storage import StageError, atomic_dir
-from tasks.train import seeded
+from tasks.lib.errors import StageError
+from tasks.lib.model import GPT, ModelConfig
+from tasks.lib.storage import atomic_dir, write_json
+from tasks.lib.tokens import token_files, unigram_entropy, windows
+from tasks.lib.train import seeded
 
 STAGE = "pretrain"
 PARAMS = ("seed", "model", "pretrain")
 INPUTS = ("tokens", "tokenizer")
-OUTPUTS = ("base",)
-
-
-def token_files(folder: Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    meta_path = folder / "meta.json"
-    if not meta_path.is_file():
-        raise StageError(f"{meta_path}: missing (run the tokenize stage first)")
-    meta = json.loads(meta_path.read_text())
-    train = np.memmap(folder / "train.bin", dtype=meta["dtype"], mode="r")
-    val = np.memmap(folder / "val.bin", dtype=meta["dtype"], mode="r")
-    return train, val, meta
-
-
-def windows(data: np.ndarray, batch: int, seq_len: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    if len(data) <= seq_len + 1:
-        raise StageError(f"only {len(data)} tokens: fewer than one window of {seq_len + 1}")
-    starts = torch.randint(0, len(data) - seq_len - 1, (batch,), generator=gen).tolist()
-    chunk = torch.from_numpy(np.stack([data[s : s + seq_len + 1].astype(np.int64) for s in starts]))
-    return chunk[:, :-1], chunk[:, 1:]
-
-
-def unigram_entropy(data: np.ndarray, vocab: int) -> float:
-    """Entropy (nats) of the token distribution: the loss of the best context-free model."""
-    counts = np.bincount(np.asarray(data), minlength=vocab).astype(np.float64)
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
+OUTPUTS = ("base", "checkpoints", "report")
 
 
 def model_config(params: Params, vocab_size: int) -> ModelConfig:
@@ -62,71 +44,80 @@ def model_config(params: Params, vocab_size: int) -> ModelConfig:
 
 def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict:
     import mlflow
+    import torch.distributed as dist
 
-    from tasks import registry, tracking
-    from tasks.chat import complete
-    from tasks.model import save_checkpoint
-    from tasks.tokenizer import load_tokenizer
-    from tasks.train import fingerprint_of, train_loop
+    from tasks.lib import registry, tracking
+    from tasks.lib.bpe import load_tokenizer
+    from tasks.lib.deps import code_hash
+    from tasks.lib.hashing import content_hash
+    from tasks.lib.model import save_checkpoint
+    from tasks.lib.runtime import Runtime
+    from tasks.lib.template import complete
+    from tasks.lib.train import fingerprint, train_loop
 
-    cfg = params.pretrain
+    cfg, tc = params.pretrain, params.pretrain.train
+    # 1. data
     train, val, meta = token_files(inputs["tokens"])
     tok = load_tokenizer(inputs["tokenizer"])
     seq_len = cfg.seq_len or params.model.max_seq_len
     if seq_len > params.model.max_seq_len:
         raise StageError(f"pretrain.seq_len {seq_len} exceeds model.max_seq_len {params.model.max_seq_len}")
-    torch.manual_seed(params.seed)
-    model = GPT(model_config(params, meta["vocab_size"]))
-    tc = cfg.train
+    if len(val) <= 8:
+        raise StageError(f"{inputs['tokens']}/val.bin has {len(val)} tokens: too few to validate on (raise mix.val_fraction)")
+    val_len = min(seq_len, len(val) - 2)
 
     def batch_fn(step: int, micro: int, rank: int):
         return windows(train, tc.batch_size, seq_len, seeded(params.seed, step, micro, rank))
 
+    # 2. model
+    torch.manual_seed(params.seed)
+    model = GPT(model_config(params, meta["vocab_size"]))
+    rt = Runtime(cfg.compute)
+
     def loss_fn(m, batch):
         x, y = batch
-        dev = next(m.parameters()).device
-        return m(x.to(dev), y.to(dev))[1], {}
+        return m(x.to(rt.device), y.to(rt.device))[1], {}
 
     def eval_fn(m, step: int) -> dict:
-        dev = next(m.parameters()).device
-        losses = [float(m(x.to(dev), y.to(dev))[1]) for x, y in (windows(val, tc.batch_size, min(seq_len, len(val) - 2), seeded(params.seed, -1, i)) for i in range(tc.eval_batches))]
+        losses = [float(m(x.to(rt.device), y.to(rt.device))[1])
+                  for x, y in (windows(val, tc.batch_size, val_len, seeded(params.seed, -1, i)) for i in range(tc.eval_batches))]
         samples = complete(m, tok, cfg.sample_prompts, chat=False, max_new_tokens=cfg.sample_tokens, temperature=0.8, top_p=0.95, seed=params.seed)
         if mlflow.active_run():
             mlflow.log_text("\n\n".join(f"### {p!r}\n{p}{s}" for p, s in zip(cfg.sample_prompts, samples)), f"samples/step_{step + 1:06d}.md")
         return {"val_loss": float(np.mean(losses))}
 
-    fp = fingerprint_of(params.seed, params.model.model_dump(), cfg.model_dump(), meta)
-    model, hist = train_loop(STAGE, model, tc, batch_fn, loss_fn, lambda b: b[0].numel(), Path(params.paths.checkpoints) / STAGE,
+    # 3. train
+    fp = fingerprint([params.seed, params.model.model_dump(), cfg.model_dump(exclude={"compute"})], code_hash(f"tasks.{STAGE}"),
+                     content_hash([inputs["tokens"], inputs["tokenizer"]]))
+    model, hist = train_loop(STAGE, model, tc, rt, batch_fn, loss_fn, lambda b: b[0].numel(), outputs["checkpoints"],
                              fp, eval_fn=eval_fn, flops_per_token=model.flops_per_token(seq_len), seed=params.seed)
-    import torch.distributed as dist
-
     if dist.is_initialized() and dist.get_rank() != 0:
         return {}
+    # 4. write
     entropy = unigram_entropy(train, meta["vocab_size"])
     final_val = hist["evals"][-1]["val_loss"]
-    metrics = {
+    with atomic_dir(outputs["base"]) as out:
+        save_checkpoint(out, model, inputs["tokenizer"], {"stage": STAGE, "chat": False, "val_loss": final_val})
+    with atomic_dir(outputs["report"]) as rep:
+        write_json(rep / "train.json", hist["curve"])
+        write_json(rep / "val.json", hist["evals"])
+    tracking.set_tags({**rt.describe(), "resumed_from": hist["resumed_from"]})
+    version = registry.register_checkpoint("base", outputs["base"], {**tracking.git_commit(), **tracking.input_hashes(inputs), "stage": STAGE})
+    tracking.set_tags({"registered_version": f"base/{version}"})
+    return {
         "val_loss": final_val,
         "train_loss": hist["final"].get("loss"),
         "first_train_loss": hist["first_loss"],
         "unigram_entropy": entropy,
         "val_loss_below_unigram": entropy - final_val,
-        "tokens_per_s": hist["final"].get("tokens_per_s"),
-        "tokens_seen": tc.steps * tc.batch_size * tc.grad_accum * seq_len * hist["world_size"],
+        "tokens_seen": tc.steps * tc.batch_size * tc.grad_accum * seq_len * rt.world,
         "num_params": model.num_params(),
         "flops_per_token": model.flops_per_token(seq_len),
-        "steps": tc.steps, "resumed_from": hist["resumed_from"], "world_size": hist["world_size"],
-        "dtype": hist["dtype"], "device": hist["device"],
+        "steps": tc.steps,
     }
-    if "mfu" in hist["final"]:
-        metrics["mfu"] = hist["final"]["mfu"]
-    with atomic_dir(outputs["base"]) as out:
-        save_checkpoint(out, model, inputs["tokenizer"], {"stage": STAGE, "chat": False, "val_loss": final_val})
-    tags = {**tracking.git_commit(), **tracking.input_hashes(inputs), "stage": STAGE}
-    metrics["registered_version"] = registry.register_checkpoint("base", outputs["base"], tags)
-    return metrics
 
 
 if __name__ == "__main__":
     from tasks.stage import main
 
-    raise SystemExit(main(STAGE, run, PARAMS, INPUTS, OUTPUTS))
+    raise SystemExit(main(sys.modules[__name__]))

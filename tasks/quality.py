@@ -1,51 +1,99 @@
-"""quality: heuristic rules + a fastText quality classifier, as Gopher/C4 and GPT-3 did.
+"""quality: line and document rules, language ID and a fastText classifier, shard by shard.
 
     python -m tasks.quality            # what `dvc repro quality` runs
 
-1. Rules (thresholds in `quality.rules`) on the roles listed there: word-count bounds, mean
-   word length, symbol-to-word ratio, share of words with a letter, share of lines ending in
-   punctuation, repeated lines, top 2-gram and repeated 5-gram coverage, boilerplate phrases.
-   Each rule returns keep-or-reason, e.g. `(False, "too_few_words")`.
-2. A fastText classifier trained as GPT-3's: documents of `reference` sources are positives,
-   `crawl` sources negatives; precision/recall/AUC on a held-out split. Applied to the roles
-   in `quality.classifier.apply_to_roles`, keeping a document when its score passes the
-   threshold, or by GPT-3's rule `np.random.pareto(alpha) > 1 - score` (seeded).
+Per document (roles as configured), in this order:
+1. lines (C4 works on lines, not pages): lines holding a boilerplate phrase as whole words
+   ("log in" matches "Log in!", not "changelog in"), navigation lines ("Home | About | Blog")
+   and short lines without terminal punctuation (buttons) are removed from the text;
+   counted per reason
+2. document rules (Gopher, C4): word count bounds, mean word length, symbol-to-word ratio,
+   words with a letter, stop words, bullet lines, ellipsis lines, lines ending in
+   punctuation, repeated lines, top 2-gram and repeated 5-gram coverage, boilerplate share;
+   each returns keep-or-reason, e.g. `(False, "too_few_words")`
+3. language: langid.py (its model ships with the package: no download) on the first
+   characters; kept when the language is listed with enough probability
+4. classifier (optional, `classifier.enabled`): fastText trained as GPT-3's, reference (+)
+   against crawl (-), on the line-cleaned text, so it learns the prose rather than the page
+   chrome; kept when the score passes the threshold or by GPT-3's rule
+   `np.random.pareto(alpha) > 1 - score`
 
-Outputs: `data/filtered/<source>/` (kept, with `quality_score` in meta), `data/dropped/<source>/`
-(dropped, with `drop_reason` in meta, for inspection), `models/quality/model.bin`. Metrics:
-kept/dropped per source and reason, classifier held-out metrics, score histogram, and on
-generated crawl pages precision/recall of the filter against their ground truth.
+The training sample is read first (bounded: at most `classifier.max_train_docs` per class,
+chosen by a hash of the id); then every shard is filtered in parallel
+(tasks/lib/executor.py), one at a time per worker. Outputs: `data/filtered/<source>/`
+(kept, cleaned text, `quality_score` in meta), `data/dropped/<source>/` (with `drop_reason`),
+`models/quality/model.bin`. Metrics: kept/dropped per source and reason, lines removed,
+classifier precision/recall and AUC (by ranks) on held-out documents, score histogram,
+and on generated crawl pages precision/recall against their ground truth.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
 import re
-import tempfile
+import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from tasks.config import Classifier, Params, Rules
-from tasks.storage import ShardWriter, StageError, atomic_dir, progress, read_docs, source_folders, write_json
+from tasks.config import Params
+from tasks.lib.errors import StageError
+from tasks.lib.hashing import in_fraction, unit_interval
+from tasks.lib.process import die_with_parent
+from tasks.lib.storage import DOC_SCHEMA, atomic_dir, read_shard_table, shard_files, shard_rows, source_folders, write_json
 
 STAGE = "quality"
 PARAMS = ("seed", "collect.sources", "quality")
+UNTRACKED = ("executor",)
 INPUTS = ("raw",)
 OUTPUTS = ("filtered", "dropped", "quality_model")
 
 HQ, LQ = "__label__hq", "__label__lq"
-PUNCT_END = tuple(".!?:;\"')]")
+PUNCT_END = tuple(".!?:;\"')]”’")
 SYMBOLS = re.compile(r"#|\.\.\.|…")
+BULLETS = ("•", "●", "▪", "‣", "◦", "-", "*", "·")
+NAV_SEPARATORS = {"|", "·", "»", "›", "•", "/"}
+STOP_WORDS = {"the", "be", "to", "of", "and", "that", "have", "with"}  # Gopher's list
 
 
-# ------------------------------------------------------------------------ 1. rules
-def rule_filter(text: str, cfg: Rules) -> tuple[bool, str | None]:
+# ------------------------------------------------------------------------ 1. lines
+def phrase_pattern(phrases: list[str]) -> re.Pattern | None:
+    """Whole-word, case-insensitive match of any phrase (spaces match any whitespace)."""
+    if not phrases:
+        return None
+    alts = sorted((r"\s+".join(map(re.escape, p.lower().split())) for p in phrases if p.strip()), key=len, reverse=True)
+    return re.compile(r"(?<!\w)(?:" + "|".join(alts) + r")(?!\w)", re.IGNORECASE)
+
+
+def clean_lines(text: str, cfg: Any, pattern: re.Pattern | None) -> tuple[str, Counter]:
+    """The text without boilerplate lines and short unpunctuated lines; removed lines per reason."""
+    kept, removed = [], Counter()
+    for line in text.split("\n"):
+        s = line.strip()
+        if not s:
+            kept.append(line)
+            continue
+        tokens = s.split()
+        if pattern is not None and pattern.search(s):
+            removed["boilerplate_line"] += 1
+        elif sum(t in NAV_SEPARATORS for t in tokens) >= 2:  # "Home | About | Blog"
+            removed["menu_line"] += 1
+        elif len(tokens) < cfg.min_line_words and not s.endswith(PUNCT_END):
+            removed["short_line"] += 1
+        else:
+            kept.append(line)
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(kept)).strip(), removed
+
+
+# ------------------------------------------------------------------------ 2. documents
+def rule_filter(text: str, cfg: Any, pattern: re.Pattern | None = None) -> tuple[bool, str | None]:
     """Keep (True, None) or drop (False, reason) by the Gopher/C4-style heuristics."""
     words = text.split()
     n = len(words)
@@ -60,13 +108,19 @@ def rule_filter(text: str, cfg: Rules) -> tuple[bool, str | None]:
         return False, "symbol_ratio"
     if sum(any(c.isalpha() for c in w) for w in words) / n < cfg.min_alpha_word_fraction:
         return False, "non_alpha_words"
+    lower = [w.lower().strip(".,;:!?\"'()[]") for w in words]
+    if len(STOP_WORDS.intersection(lower)) < cfg.min_stop_words:
+        return False, "few_stop_words"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if sum(ln.startswith(BULLETS) for ln in lines) / len(lines) > cfg.max_bullet_line_fraction:
+        return False, "bullet_lines"
+    if sum(ln.endswith(("...", "…")) for ln in lines) / len(lines) > cfg.max_ellipsis_line_fraction:
+        return False, "ellipsis_lines"
     if sum(ln.endswith(PUNCT_END) for ln in lines) / len(lines) < cfg.min_punct_line_fraction:
         return False, "few_punct_lines"
     if (len(lines) - len(set(lines))) / len(lines) > cfg.max_duplicate_line_fraction:
         return False, "duplicate_lines"
-    lower = [w.lower() for w in words]
-    total_chars = sum(len(w) for w in lower)
+    total_chars = sum(len(w) for w in lower) or 1
     if n >= 2:
         (a, b), count = Counter(zip(lower, lower[1:])).most_common(1)[0]
         if count > 1 and count * (len(a) + len(b)) / total_chars > cfg.max_top_2gram_fraction:
@@ -81,23 +135,36 @@ def rule_filter(text: str, cfg: Rules) -> tuple[bool, str | None]:
         dup_chars = sum(len(w) for w, c in zip(lower, covered) if c)
         if dup_chars / total_chars > cfg.max_duplicate_5gram_fraction:
             return False, "duplicate_5grams"
-    phrases = [p.lower() for p in cfg.boilerplate_phrases]
-    if phrases:
-        boiler = sum(any(p in ln.lower() for p in phrases) for ln in lines)
+    if pattern is not None:
+        boiler = sum(bool(pattern.search(ln)) for ln in lines)
         if boiler / len(lines) > cfg.max_boilerplate_line_fraction:
             return False, "boilerplate"
     return True, None
 
 
-# ------------------------------------------------------------------------ 2. classifier
+# ------------------------------------------------------------------------ 3. language
+_LANGID = None
+
+
+def language(text: str, max_chars: int) -> tuple[str, float]:
+    """(language code, probability) by langid.py, whose model ships inside the package."""
+    global _LANGID
+    if _LANGID is None:
+        from langid.langid import LanguageIdentifier, model
+
+        _LANGID = LanguageIdentifier.from_modelstring(model, norm_probs=True)
+    lang, prob = _LANGID.classify(text[:max_chars])
+    return lang, float(prob)
+
+
+# ------------------------------------------------------------------------ 4. classifier
 def ft_text(text: str, max_chars: int) -> str:
     # fastText rejects newlines; lower-casing makes a small corpus go further.
     return " ".join(text[:max_chars].lower().split())
 
 
 def in_holdout(doc_id: str, fraction: float) -> bool:
-    h = int.from_bytes(hashlib.sha1(doc_id.encode()).digest()[:4], "big")
-    return h / 2**32 < fraction
+    return in_fraction(doc_id, fraction, "quality:")
 
 
 def _fit_fasttext(train_file: str, model_path: str, kwargs: dict) -> str | None:
@@ -111,36 +178,27 @@ def _fit_fasttext(train_file: str, model_path: str, kwargs: dict) -> str | None:
         return str(err)
 
 
-def train_classifier(pos: list[str], neg: list[str], cfg: Classifier, seed: int, model_path: Path):
-    import fasttext
-
+def train_classifier(pos: list[str], neg: list[str], cfg: Any, seed: int, model_path: Path) -> None:
     if not pos or not neg:
-        raise StageError("the quality classifier needs documents of both a 'reference' and a 'crawl' source")
-    # As GPT-3: the negatives are a sample of the crawl, as many as there are positives, so
-    # the classes are balanced and most crawl documents are scored by a model that never
-    # saw them (scoring its own training negatives would push good pages down).
+        raise StageError("the quality classifier needs documents of both a 'reference' and a 'crawl' source "
+                         "(or set quality.classifier.enabled: false)")
     rng = np.random.default_rng(seed)
-    if len(neg) > len(pos):
-        neg = [neg[i] for i in sorted(rng.choice(len(neg), size=len(pos), replace=False))]
     lines = [f"{HQ} {t}" for t in pos] + [f"{LQ} {t}" for t in neg]
     order = rng.permutation(len(lines))
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8", delete=False) as fh:
-        fh.write("\n".join(lines[i] for i in order) + "\n")
-        train_file = fh.name
+    train_file = model_path.with_name("train.txt")  # inside the output's temporary folder: a kill leaves nothing
+    train_file.write_text("\n".join(lines[i] for i in order) + "\n", encoding="utf-8")
     kwargs = dict(epoch=cfg.epoch, lr=cfg.lr, dim=cfg.dim, wordNgrams=cfg.word_ngrams, minCount=cfg.min_count,
                   bucket=cfg.bucket, thread=1, seed=seed, verbose=0)  # 1 thread: no Hogwild races
     # fastText keeps state between trainings in one process: a second training there gives
-    # different weights and sometimes "Encountered NaN" (seen with fasttext 0.9.3 and
-    # fasttext-numpy2 0.10.4). Each training therefore runs in a fresh process, where it is
-    # deterministic.
+    # different weights and sometimes "Encountered NaN". Each training therefore runs in a
+    # fresh process, where it is deterministic; the process dies with this one.
     try:
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            error = pool.submit(_fit_fasttext, train_file, str(model_path), kwargs).result()
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent) as pool:
+            error = pool.submit(_fit_fasttext, str(train_file), str(model_path), kwargs).result()
     finally:
-        Path(train_file).unlink()
+        train_file.unlink()
     if error:
         raise StageError(f"fastText training failed ({error}); try a lower quality.classifier.lr (now {cfg.lr})")
-    return fasttext.load_model(str(model_path))
 
 
 def hq_scores(model, texts: list[str]) -> np.ndarray:
@@ -151,108 +209,195 @@ def hq_scores(model, texts: list[str]) -> np.ndarray:
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve as the Mann-Whitney statistic (ties count half)."""
-    pos, neg = scores[labels == 1], scores[labels == 0]
-    if len(pos) == 0 or len(neg) == 0:
+    """Area under the ROC curve from ranks (Mann-Whitney U, ties averaged): O(n log n)."""
+    from scipy.stats import rankdata
+
+    pos = labels == 1
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
         return float("nan")
-    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return float(greater / (len(pos) * len(neg)))
+    ranks = rankdata(scores)
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def precision_recall(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     tp = int((pred & truth).sum())
-    return {
-        "precision": tp / max(int(pred.sum()), 1),
-        "recall": tp / max(int(truth.sum()), 1),
-        "support": int(truth.sum()),
-    }
+    return {"precision": tp / max(int(pred.sum()), 1), "recall": tp / max(int(truth.sum()), 1), "support": int(truth.sum())}
+
+
+# ------------------------------------------------------------------------ the map over shards
+@dataclass(frozen=True)
+class ShardTask:
+    index: int
+    source: str
+    role: str
+    path: str
+    kept_out: str
+    dropped_out: str | None
+    model: str | None  # fastText model file, None: no classifier
+    quality: Any  # the `quality` section (a frozen pydantic model: picklable)
+    seed: int
+    train_fraction: float  # share of this shard's non-held-out documents to return for training
+    collect_training: bool
+
+
+def _prepare(text: str, role: str, q: Any, pattern) -> tuple[str, Counter]:
+    if role in q.lines.roles:
+        return clean_lines(text, q.lines, pattern)
+    return text, Counter()
+
+
+def training_texts(task: ShardTask) -> list[str]:
+    """The line-cleaned texts of the documents of this shard chosen for training."""
+    q = task.quality
+    pattern = phrase_pattern(q.rules.boilerplate_phrases)
+    table = read_shard_table(Path(task.path), ["id", "text"])
+    out = []
+    for doc_id, text in zip(table.column("id").to_pylist(), table.column("text").to_pylist()):
+        if in_holdout(doc_id, q.classifier.holdout_fraction) or unit_interval(doc_id, "quality-train:") >= task.train_fraction:
+            continue
+        out.append(ft_text(_prepare(text, task.role, q, pattern)[0], q.classifier.max_chars))
+    return out
+
+
+def filter_shard(task: ShardTask) -> dict[str, Any]:
+    """Apply lines, rules, language and classifier to one shard; write kept and dropped rows."""
+    q = task.quality
+    pattern = phrase_pattern(q.rules.boilerplate_phrases)
+    table = read_shard_table(Path(task.path), None)
+    ids, texts, metas = (table.column(c).to_pylist() for c in ("id", "text", "meta"))
+    model = None
+    classify = task.model is not None and task.role in q.classifier.apply_to_roles
+    if classify:
+        import fasttext
+
+        model = fasttext.load_model(task.model)
+    rng = np.random.default_rng([task.seed, task.index])  # one stream per shard: the same on any executor
+    kept, dropped, reasons, lines_removed = [], [], Counter(), Counter()
+    hist = np.zeros(10, dtype=np.int64)
+    truth_pred = Counter()
+    held_scores, held_labels = [], []
+    cleaned = [_prepare(t, task.role, q, pattern) for t in texts]
+    scores = hq_scores(model, [ft_text(c, q.classifier.max_chars) for c, _ in cleaned]) if classify else None
+    for i, (doc_id, meta_s) in enumerate(zip(ids, metas)):
+        text, removed = cleaned[i]
+        lines_removed.update(removed)
+        meta = json.loads(meta_s)
+        keep, reason = True, None
+        if task.role in q.rules.roles:
+            keep, reason = rule_filter(text, q.rules, pattern)
+        if keep and q.language.enabled and task.role in q.language.roles:
+            lang, prob = language(text, q.language.max_chars)
+            meta["language"] = lang
+            if lang not in q.language.languages or prob < q.language.min_probability:
+                keep, reason = False, "language"
+        if scores is not None:
+            s = float(scores[i])
+            meta["quality_score"] = round(s, 6)
+            hist[min(int(s * 10), 9)] += 1
+            draw = rng.pareto(q.classifier.pareto_alpha)  # drawn for every doc: stable across rule changes
+            if keep:
+                passed = draw > 1 - s if q.classifier.keep_rule == "pareto" else s >= q.classifier.threshold
+                keep, reason = (True, None) if passed else (False, "classifier")
+        if "is_low_quality" in meta:
+            truth_pred[(bool(meta["is_low_quality"]), not keep)] += 1
+        row = {"id": doc_id, "source": task.source, "text": text}
+        if keep:
+            kept.append({**row, "meta": json.dumps(meta, sort_keys=True)})
+        else:
+            reasons[reason] += 1
+            dropped.append({**row, "text": texts[i], "meta": json.dumps({**meta, "drop_reason": reason}, sort_keys=True)})
+    for out, rows in ((task.kept_out, kept), (task.dropped_out, dropped)):
+        if out is not None:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.Table.from_pylist(rows, schema=DOC_SCHEMA), out, compression="zstd")
+    return {"docs": len(ids), "kept": len(kept), "reasons": dict(reasons), "lines_removed": dict(lines_removed),
+            "hist": hist.tolist(), "truth_pred": {f"{t}:{p}": c for (t, p), c in truth_pred.items()}}
+
+
+def holdout_scores(task: ShardTask) -> tuple[list[float], list[int]]:
+    """Classifier scores of this shard's held-out documents, with their labels (1 = reference)."""
+    import fasttext
+
+    q = task.quality
+    pattern = phrase_pattern(q.rules.boilerplate_phrases)
+    table = read_shard_table(Path(task.path), ["id", "text"])
+    texts = [ft_text(_prepare(t, task.role, q, pattern)[0], q.classifier.max_chars)
+             for d, t in zip(table.column("id").to_pylist(), table.column("text").to_pylist()) if in_holdout(d, q.classifier.holdout_fraction)]
+    scores = hq_scores(fasttext.load_model(task.model), texts) if texts else np.zeros(0)
+    return scores.tolist(), [int(task.role == "reference")] * len(texts)
 
 
 # ------------------------------------------------------------------------ the stage
 def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict:
-    cfg = params.quality
+    from tasks.lib.executor import Executor
+
+    q, c, ex = params.quality, params.quality.classifier, params.executor
     roles = {s.name: s.role for s in params.collect.sources}
-    docs = {name: read_docs(folder) for name, folder in source_folders(inputs["raw"]).items() if name in roles}
-
-    # 1. Rules
-    verdict: dict[str, tuple[bool, str | None]] = {}
-    for name, rows in docs.items():
-        if roles[name] not in cfg.rules.roles:
-            continue
-        for row in progress(rows, desc=f"rules {name}"):
-            verdict[row["id"]] = rule_filter(row["text"], cfg.rules)
-
-    # 2. Classifier: train on raw reference (+) vs raw crawl (-), held-out split by id hash.
-    c = cfg.classifier
-    train_pos, train_neg, held_texts, held_labels = [], [], [], []
-    for name, rows in docs.items():
-        if roles[name] not in ("reference", "crawl"):
-            continue
-        label = int(roles[name] == "reference")
-        for row in rows:
-            t = ft_text(row["text"], c.max_chars)
-            if in_holdout(row["id"], c.holdout_fraction):
-                held_texts.append(t)
-                held_labels.append(label)
-            else:
-                (train_pos if label else train_neg).append(t)
+    shards = [(name, roles[name], f) for name, folder in source_folders(inputs["raw"]).items() if name in roles for f in shard_files(folder)]
+    count = Counter()
+    for name, role, f in shards:
+        count[role] += shard_rows(f)
     metrics: dict[str, Any] = {"sources": {}}
-    with atomic_dir(outputs["quality_model"]) as model_dir:
-        model = train_classifier(train_pos, train_neg, c, params.seed, model_dir / "model.bin")
-        write_json(model_dir / "labels.json", {"positive": HQ, "negative": LQ, "max_chars": c.max_chars})
-    held_scores = hq_scores(model, held_texts)
-    held_y = np.array(held_labels, dtype=int)
-    metrics["classifier"] = {
-        **precision_recall(held_scores >= c.threshold, held_y == 1),
-        "auc": auc(held_scores, held_y),
-        "train_docs": len(train_pos) + len(train_neg),
-        "heldout_docs": len(held_y),
-    }
+    with atomic_dir(outputs["quality_model"]) as model_dir, atomic_dir(outputs["filtered"]) as kept_dir, \
+            atomic_dir(outputs["dropped"]) as drop_dir, Executor(ex.kind, ex.workers, ex.ray_address, desc="quality") as pool:
 
-    # 3. Apply: rules verdict, then the classifier on the roles that ask for it.
-    rng = np.random.default_rng(params.seed)
-    hist = np.zeros(10, dtype=int)
-    truth_low, pred_drop = [], []
-    with atomic_dir(outputs["filtered"]) as kept_dir, atomic_dir(outputs["dropped"]) as drop_dir:
-        for name, rows in docs.items():
-            kept_w = ShardWriter(kept_dir / name, params.collect.shard_docs)
-            drop_w = ShardWriter(drop_dir / name, params.collect.shard_docs) if cfg.write_dropped else None
-            reasons: Counter[str] = Counter()
-            classify = roles[name] in c.apply_to_roles
-            scores = hq_scores(model, [ft_text(r["text"], c.max_chars) for r in rows]) if classify else None
-            for i, row in enumerate(rows):
-                keep, reason = verdict.get(row["id"], (True, None))
-                meta = json.loads(row["meta"])
-                if scores is not None:
-                    s = float(scores[i])
-                    meta["quality_score"] = round(s, 6)
-                    hist[min(int(s * 10), 9)] += 1
-                    draw = rng.pareto(c.pareto_alpha)  # drawn for every doc: stable across rule changes
-                    if keep:
-                        passed = draw > 1 - s if c.keep_rule == "pareto" else s >= c.threshold
-                        keep, reason = (True, None) if passed else (False, "classifier")
-                if "is_low_quality" in meta:
-                    truth_low.append(bool(meta["is_low_quality"]))
-                    pred_drop.append(not keep)
-                if keep:
-                    kept_w.add({**row, "meta": json.dumps(meta, sort_keys=True)})
-                else:
-                    reasons[reason] += 1
-                    if drop_w:
-                        drop_w.add({**row, "meta": json.dumps({**meta, "drop_reason": reason}, sort_keys=True)})
-            kept = kept_w.close()
-            if drop_w:
-                drop_w.close()
-            metrics["sources"][name] = {"docs_in": len(rows), "kept": kept, "dropped": dict(sorted(reasons.items())), "classified": classify}
+        def task(i, name, role, f, fraction=1.0, model=None):
+            return ShardTask(i, name, role, str(f), str(kept_dir / name / f.name), str(drop_dir / name / f.name) if q.write_dropped else None,
+                             model, q, params.seed, fraction, False)
+
+        model_path = None
+        if c.enabled:
+            # 1. the training sample: positives up to max_train_docs, as many negatives (GPT-3)
+            kept_share = 1 - c.holdout_fraction
+            n_pos = min(count["reference"] * kept_share, c.max_train_docs)
+            frac = {"reference": n_pos / max(count["reference"] * kept_share, 1), "crawl": n_pos / max(count["crawl"] * kept_share, 1)}
+            train_tasks = [(role, task(i, n, role, f, min(frac[role], 1.0))) for i, (n, role, f) in enumerate(shards) if role in frac]
+            got = pool.map(training_texts, [t for _, t in train_tasks])
+            pos = [t for (role, _), texts in zip(train_tasks, got) if role == "reference" for t in texts]
+            neg = [t for (role, _), texts in zip(train_tasks, got) if role == "crawl" for t in texts]
+            model_path = model_dir / "model.bin"
+            train_classifier(pos, neg, c, params.seed, model_path)
+            metrics["classifier"] = {"train_docs": len(pos) + len(neg), "train_positives": len(pos), "train_negatives": len(neg)}
+        write_json(model_dir / "labels.json", {"positive": HQ, "negative": LQ, "max_chars": c.max_chars, "enabled": c.enabled})
+        # 2. filter every shard
+        results = pool.map(filter_shard, [task(i, n, role, f, model=str(model_path) if model_path else None) for i, (n, role, f) in enumerate(shards)])
+        if c.enabled:
+            held = pool.map(holdout_scores, [task(i, n, role, f, model=str(model_path)) for i, (n, role, f) in enumerate(shards) if role in ("reference", "crawl")])
+            scores = np.array([s for h in held for s in h[0]])
+            labels = np.array([lab for h in held for lab in h[1]], dtype=int)
+            metrics["classifier"].update(precision_recall(scores >= c.threshold, labels == 1), auc=auc(scores, labels), heldout_docs=len(labels))
+        for name in sorted({n for n, _, _ in shards}):  # a source whose every document was dropped still has its folder
+            (kept_dir / name).mkdir(parents=True, exist_ok=True)
+            if q.write_dropped:
+                (drop_dir / name).mkdir(parents=True, exist_ok=True)
+    hist = np.zeros(10, dtype=np.int64)
+    truth = Counter()
+    lines = Counter()
+    for (name, role, _), r in zip(shards, results):
+        s = metrics["sources"].setdefault(name, {"docs_in": 0, "kept": 0, "dropped": Counter(), "lines_removed": Counter(),
+                                                 "classified": c.enabled and role in c.apply_to_roles})
+        s["docs_in"] += r["docs"]
+        s["kept"] += r["kept"]
+        s["dropped"].update(r["reasons"])
+        s["lines_removed"].update(r["lines_removed"])
+        lines.update(r["lines_removed"])
+        hist += np.array(r["hist"])
+        truth.update(r["truth_pred"])
+    for s in metrics["sources"].values():
+        s["dropped"], s["lines_removed"] = dict(sorted(s["dropped"].items())), dict(sorted(s["lines_removed"].items()))
     metrics["docs_in"] = sum(s["docs_in"] for s in metrics["sources"].values())
     metrics["kept"] = sum(s["kept"] for s in metrics["sources"].values())
-    metrics["score_histogram"] = {f"{i / 10:.1f}-{(i + 1) / 10:.1f}": int(h) for i, h in enumerate(hist)}
-    if truth_low:
-        metrics["vs_ground_truth"] = precision_recall(np.array(pred_drop), np.array(truth_low))
+    metrics["lines_removed"] = dict(sorted(lines.items()))
+    if c.enabled:
+        metrics["score_histogram"] = {f"{i / 10:.1f}-{(i + 1) / 10:.1f}": int(h) for i, h in enumerate(hist)}
+    if truth:
+        tp, fp, fn = truth.get("True:True", 0), truth.get("False:True", 0), truth.get("True:False", 0)
+        metrics["vs_ground_truth"] = {"precision": tp / max(tp + fp, 1), "recall": tp / max(tp + fn, 1), "support": tp + fn}
     return metrics
 
 
 if __name__ == "__main__":
     from tasks.stage import main
 
-    raise SystemExit(main(STAGE, run, PARAMS, INPUTS, OUTPUTS))
+    raise SystemExit(main(sys.modules[__name__]))

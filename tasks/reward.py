@@ -6,58 +6,59 @@ Initialised from the SFT transformer with a new scalar head. Each completion is 
 prompt + completion + `<|reward|>` and its reward is the head's output at that readout
 token. For a prompt with K ranked completions, every pair (w better than l) of the C(K,2)
 contributes `-log sigmoid(r_w - r_l)`, averaged per batch; all pairs of one prompt share a
-batch (InstructGPT). Tied pairs carry no preference and are skipped. Metrics: pairwise
-accuracy on held-out prompts (and on training prompts); the mean and std of the rewards of
-training completions are saved in the checkpoint to normalise rewards in PPO.
+batch (InstructGPT). Tied pairs (equal judge scores, or completions a labeler ranked
+equal) carry no preference and are skipped, and so are pairs with a completion a labeler
+flagged as unusable. Metrics: pairwise accuracy on held-out prompts (and on training
+prompts). The weights of the best held-out accuracy are kept (a small RM overfits after
+about an epoch), and the output is normalised (mean 0, std 1 on the training completions)
+inside the model, so that its scores, PPO's rewards and the value function initialised
+from it share one scale.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from tasks.config import Params
-from tasks.storage import StageError, atomic_dir
+from tasks.lib.errors import StageError
+from tasks.lib.rl import rewards_of
+from tasks.lib.storage import atomic_dir, write_json
 
 STAGE = "reward"
 PARAMS = ("seed", "instructions", "reward")
 INPUTS = ("sft", "preferences")
-OUTPUTS = ("reward",)
+OUTPUTS = ("reward", "checkpoints", "report")
 
 
 def load_prompts(path: Path, template, max_len: int) -> list[dict]:
-    """Per prompt: token ids of each completion as the RM reads it, and the ordered pairs."""
+    """Per prompt: token ids of each completion as the RM reads it, and the ordered pairs
+    (none between completions a labeler tied, or whose judge scores are equal; none with a
+    completion a labeler flagged as unusable)."""
+    from tasks.lib.rankings import RankingError, check_labels, preference_pairs
+
     if not path.is_file():
         raise StageError(f"{path}: missing (run the preferences stage first)")
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        r = json.loads(line)
-        prompt = template.prompt(r["prompt"])
+    for lineno, line in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            r = json.loads(line.decode("utf-8"))
+            prompt = template.prompt(r["prompt"])
+            ranking, ties, flagged = check_labels(len(r["completions"]), r["ranking"], r.get("ties"), r.get("flagged"))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, RankingError) as err:
+            raise StageError(f"{path}:{lineno}: not a preference record ({type(err).__name__}); rerun the preferences stage") from None
         seqs = []
         for text, fin in zip(r["completions"], r.get("finished", [True] * len(r["completions"]))):
             comp = template.text_ids(text) + ([template.end_turn] if fin else [])
-            seqs.append(template.scored(prompt, comp)[-max_len:])
-        rank = {c: i for i, c in enumerate(r["ranking"])}
-        scores = r.get("scores")
-        pairs = [(a, b) if rank[a] < rank[b] else (b, a) for a in range(len(seqs)) for b in range(a + 1, len(seqs))
-                 if scores is None or scores[a] != scores[b]]
+            seqs.append(template.scored(prompt, comp, max_len))
+        pairs = preference_pairs(ranking, ties, flagged, r.get("scores"))
         if pairs:
             out.append({"seqs": seqs, "pairs": pairs})
     return out
-
-
-def rewards_of(model, seqs: list[list[int]], pad_id: int) -> torch.Tensor:
-    """Reward of each sequence: the scalar head at its last token (the readout token)."""
-    from tasks.model import padded_batch
-
-    dev = next(model.parameters()).device
-    x, valid = padded_batch(seqs, pad_id, left=False, device=dev)
-    values = model(x)  # right padding + causal attention: padding never reaches real tokens
-    last = valid.sum(1) - 1
-    return values[torch.arange(len(seqs), device=dev), last].float()  # fp32 even under bf16 autocast
 
 
 def pair_loss(model, prompts: list[dict], pad_id: int) -> tuple[torch.Tensor, float]:
@@ -84,22 +85,26 @@ def accuracy(model, prompts: list[dict], pad_id: int, batch: int = 8) -> float:
     return correct / max(total, 1)
 
 
-def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict:
-    from tasks import registry, tracking
-    from tasks.chat import Template
-    from tasks.model import load_checkpoint, save_checkpoint
-    from tasks.tokenizer import load_tokenizer
-    from tasks.train import fingerprint_of, seeded, train_loop
+def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict:  # pragma: no mutate block (wiring: tests/test_pipeline.py)
+    from tasks.lib import registry, tracking
+    from tasks.lib.bpe import load_tokenizer
+    from tasks.lib.deps import code_hash
+    from tasks.lib.hashing import content_hash
+    from tasks.lib.model import load_checkpoint, save_checkpoint
+    from tasks.lib.runtime import Runtime
+    from tasks.lib.template import Template
+    from tasks.lib.train import fingerprint, seeded, train_loop
 
     tc = params.reward.train
-    # the scalar head starts random: seed before it is built, or two runs train different models
+    # 1. data and model: the scalar head starts random, so seed before it is built
     torch.manual_seed(params.seed)
-    model, info = load_checkpoint(inputs["sft"], kind="scalar")
+    model, _ = load_checkpoint(inputs["sft"], kind="scalar")
     t = Template(load_tokenizer(inputs["sft"]))
     train = load_prompts(inputs["preferences"] / "train.jsonl", t, model.cfg.max_seq_len)
     val = load_prompts(inputs["preferences"] / "val.jsonl", t, model.cfg.max_seq_len)
     if not train or not val:
         raise StageError(f"no untied preference pairs (train prompts {len(train)}, val prompts {len(val)})")
+    rt = Runtime(params.reward.compute)
 
     def batch_fn(step: int, micro: int, rank: int):
         gen = seeded(params.seed, step, micro, rank)
@@ -112,30 +117,44 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     def eval_fn(m, step: int) -> dict:
         return {"val_accuracy": accuracy(m, val, t.pad)}
 
-    model.eval()
-    initial = accuracy(model, val, t.pad)
-    fp = fingerprint_of(params.seed, tc.model_dump(), info.get("val_loss"), (inputs["preferences"] / "train.jsonl").stat().st_size)
-    model, hist = train_loop(STAGE, model, tc, batch_fn, loss_fn, lambda b: sum(len(s) for p in b for s in p["seqs"]),
-                             Path(params.paths.checkpoints) / STAGE, fp, eval_fn=eval_fn, seed=params.seed)
+    # 2. train
+    fp = fingerprint([params.seed, params.reward.train.model_dump(), params.instructions.model_dump()], code_hash(f"tasks.{STAGE}"),
+                     content_hash([inputs["sft"], inputs["preferences"]]))
+    # the RM overfits its small data after about an epoch (InstructGPT trains one): the
+    # weights of the best held-out accuracy are kept
+    model, hist = train_loop(STAGE, model, tc, rt, batch_fn, loss_fn, lambda b: sum(len(s) for p in b for s in p["seqs"]),
+                             outputs["checkpoints"], fp, eval_fn=eval_fn, seed=params.seed, best_by="val_accuracy")
+    # 3. normalise: rewards of the training completions get mean 0 and std 1, folded into the
+    # model, so its scores, PPO's rewards and the value function it initialises share units
     model.eval()
     with torch.no_grad():
         all_r = torch.cat([rewards_of(model, p["seqs"], t.pad) for p in train])
     stats = {"reward_mean": float(all_r.mean()), "reward_std": float(all_r.std().clamp(min=1e-6))}
-    val_acc = hist["evals"][-1]["val_accuracy"]
+    model.normalise(stats["reward_mean"], stats["reward_std"])
+    val_acc = hist["best"]["value"]
+    # 4. write
     with atomic_dir(outputs["reward"]) as out:
         save_checkpoint(out, model, inputs["sft"], {"stage": STAGE, "val_accuracy": val_acc, **stats})
-    tags = {**tracking.git_commit(), **tracking.input_hashes(inputs), "stage": STAGE, "parent_model": f"sft/{registry.version_of('sft', inputs['sft'])}"}
+    with atomic_dir(outputs["report"]) as rep:
+        write_json(rep / "train.json", hist["curve"])
+        write_json(rep / "val.json", hist["evals"])
+    tracking.set_tags({**rt.describe(), "resumed_from": hist["resumed_from"]})
+    tags = {**tracking.git_commit(), **tracking.input_hashes(inputs), "stage": STAGE, **registry.parent_tags("sft", inputs["sft"])}
+    tracking.set_tags({"registered_version": f"reward/{registry.register_checkpoint('reward', outputs['reward'], tags)}"})
+    initial = hist["evals"][0]["val_accuracy"]  # step 0: the SFT body with a random head
+    with torch.no_grad():
+        train_acc = accuracy(model, train, t.pad)
     return {
-        "val_accuracy": val_acc, "val_accuracy_before": initial, "train_accuracy": accuracy(model, train, t.pad),
+        "val_accuracy": val_acc, "val_accuracy_before": initial, "train_accuracy": train_acc, "best_step": hist["best"]["step"],
+        "val_accuracy_last": hist["evals"][-1]["val_accuracy"],
         "train_loss": hist["final"].get("loss"), "first_train_loss": hist["first_loss"],
         "train_prompts": len(train), "val_prompts": len(val),
         "val_pairs": sum(len(p["pairs"]) for p in val), **stats,
-        "steps": tc.steps, "resumed_from": hist["resumed_from"],
-        "registered_version": registry.register_checkpoint("reward", outputs["reward"], tags),
+        "steps": tc.steps,
     }
 
 
 if __name__ == "__main__":
     from tasks.stage import main
 
-    raise SystemExit(main(STAGE, run, PARAMS, INPUTS, OUTPUTS))
+    raise SystemExit(main(sys.modules[__name__]))

@@ -1,13 +1,21 @@
 """The one entry point behind every `python -m tasks.<stage>`.
 
-It parses `params.yaml` (validated, clear errors), resolves the stage's input and output
-paths from its `paths` section, opens the stage's MLflow run, calls the stage's pure
-`run(params, inputs, outputs) -> metrics`, writes the metrics to `reports/<stage>.json`
-(the DVC metrics file) and logs metrics, the resolved config and the stage's report files
-to MLflow.
+A stage module declares what it reads and writes and a pure function:
+
+    STAGE = "dedup"                      # the DVC stage
+    PARAMS = ("seed", "collect.sources", "dedup")   # the params.yaml keys it reads (dvc.yaml `params`)
+    INPUTS = ("filtered",)               # keys of `paths` it reads (dvc.yaml `deps`)
+    OUTPUTS = ("dedup", "report")        # keys of `paths` it writes; "report" is reports/<stage>/,
+                                         # "checkpoints" is checkpoints/<stage>/ (resume state)
+    def run(params, inputs, outputs) -> metrics
+
+`main` parses `params.yaml` (validated, clear errors), resolves the paths, opens the
+stage's MLflow run, calls `run`, writes the metrics to `reports/<stage>.json` (the DVC
+metrics file; figures that change from run to run, like seconds, go to MLflow only) and logs
+the metrics, the resolved config and the report folder to MLflow.
 
 A bad `params.yaml` or a bad input ends the process with exit code 2 and one readable
-message, not a traceback.
+message, not a traceback. SIGTERM and Ctrl-C end it with the MLflow run marked KILLED.
 """
 
 from __future__ import annotations
@@ -15,65 +23,94 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from tasks.config import ConfigError, Params, load_params, section_dict
-from tasks.storage import StageError, write_json
+from tasks.lib.errors import StageError
+from tasks.lib.process import die_with_parent
+from tasks.lib.storage import write_json
 
-RunFn = Callable[[Params, dict[str, Path], dict[str, Path]], dict[str, Any]]
-
-
-def resolve(params: Params, keys: Sequence[str]) -> dict[str, Path]:
-    return {k: Path(getattr(params.paths, k)) for k in keys}
+EXIT_BAD_INPUT = 2
 
 
-def metrics_path(params: Params, report: str) -> Path:
-    return Path(params.paths.reports) / f"{report}.json"
+class Terminated(BaseException):
+    """SIGTERM, turned into an exception so that `finally` blocks and run bookkeeping run."""
 
 
-def main(stage: str, run: RunFn, params_keys: Sequence[str], inputs: Sequence[str], outputs: Sequence[str],
-         argv: Sequence[str] | None = None, report: str | None = None) -> int:
-    """`report` names the stage's report files (default: the stage name): reports/<report>.json
-    is the DVC metrics file; reports/<report>.md and reports/<report>_* go to MLflow too."""
-    report_name = report or stage
-    parser = argparse.ArgumentParser(prog=f"python -m tasks.{stage}", description=f"Run the '{stage}' stage.")
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    raise Terminated()
+
+
+PER_STAGE = {"report": "reports", "checkpoints": "checkpoints"}  # folders with one subfolder per stage
+
+
+def resolve(params: Params, stage: str, keys: Sequence[str]) -> dict[str, Path]:
+    """Paths of a stage's inputs or outputs: `paths.<key>`, or `<folder>/<stage>` for the
+    per-stage folders (reports/<stage>/, checkpoints/<stage>/)."""
+    return {k: Path(getattr(params.paths, PER_STAGE[k])) / stage if k in PER_STAGE else Path(getattr(params.paths, k)) for k in keys}
+
+
+def metrics_path(params: Params, stage: str) -> Path:
+    return Path(params.paths.reports) / f"{stage}.json"
+
+
+def main(module: ModuleType, argv: Sequence[str] | None = None) -> int:
+    stage: str = module.STAGE
+    parser = argparse.ArgumentParser(prog=f"python -m tasks.{stage}", description=(module.__doc__ or "").split("\n")[0])
     parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {stage} %(levelname)s %(message)s", stream=sys.stderr)
+    for noisy in ("mlflow", "alembic", "matplotlib", "urllib3", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     log = logging.getLogger(stage)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    die_with_parent()
 
     try:
         params = load_params(args.params)
-        ins, outs = resolve(params, inputs), resolve(params, outputs)
+        ins, outs = resolve(params, stage, module.INPUTS), resolve(params, stage, module.OUTPUTS)
         for name, p in ins.items():
             if not p.exists():
-                raise StageError(f"input '{name}' ({p}) does not exist: run the upstream stage first (dvc repro)")
+                raise StageError(f"input '{name}' ({p}) does not exist: run the upstream stage first (dvc repro {stage})")
 
         if int(os.environ.get("RANK", "0")) > 0:  # DDP worker: rank 0 tracks and writes reports
-            run(params, ins, outs)
+            module.run(params, ins, outs)
             return 0
-        from tasks import tracking
+        from tasks.lib import tracking
 
-        logged = {k: section_dict(params, k) for k in params_keys}
+        logged = {k: section_dict(params, k) for k in (*module.PARAMS, *getattr(module, "UNTRACKED", ()))}
         with tracking.stage_run(stage, params.mlflow.experiment, logged, ins):
             import mlflow
 
-            mlflow.log_dict(logged, "resolved_params.json")
-            t0 = time.time()
-            metrics = run(params, ins, outs)
-            metrics["seconds"] = round(time.time() - t0, 2)
-            report = metrics_path(params, report_name)
-            write_json(report, metrics)
-            # training stages logged a history per step; their summary goes at the last step
-            tracking.log_metrics(metrics, step=int(metrics.get("steps") or metrics.get("iterations") or 0))
-            for f in [report, report.with_suffix(".md"), *sorted(report.parent.glob(f"{report_name}_*"))]:
-                tracking.log_artifact(f, "reports")
-        log.info("done in %.1f s; metrics in %s", metrics["seconds"], report)
+            try:
+                mlflow.log_dict(logged, "resolved_params.json")
+                t0 = time.time()
+                metrics: dict[str, Any] = module.run(params, ins, outs)
+                seconds = time.time() - t0
+                report = metrics_path(params, stage)
+                write_json(report, metrics)
+                tracking.log_metrics(metrics, step=int(metrics.get("steps") or metrics.get("iterations") or 0))
+                tracking.log_metrics({"seconds": seconds})
+                tracking.log_artifact(report, "reports")
+                if "report" in outs:
+                    tracking.log_artifact(outs["report"], f"reports/{stage}")
+            except (KeyboardInterrupt, Terminated):
+                mlflow.end_run("KILLED")
+                raise
+        log.info("done in %.1f s; metrics in %s", seconds, report)
         return 0
     except (ConfigError, StageError) as err:
         print(f"error: {stage}: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"error: {stage}: interrupted", file=sys.stderr)
+        return 130
+    except Terminated:
+        print(f"error: {stage}: terminated (SIGTERM)", file=sys.stderr)
+        return 143

@@ -41,6 +41,7 @@ def tiny_raw_params() -> dict:
     by_name["python_code"]["limit"] = 12
     by_name["web_crawl"]["num_docs"] = 300
     raw["tokenizer"]["vocab_size"] = 600
+    raw["executor"]["workers"] = 1  # in-process: fast to start; the pool and Ray have tests of their own
     # training stages: a one-layer model and a handful of steps
     raw["model"].update(n_layer=1, n_head=2, d_model=32, max_seq_len=192)
     small = {"batch_size": 4, "eval_every": 2, "eval_batches": 1, "ckpt_every": 2, "warmup_steps": 0}
@@ -49,10 +50,39 @@ def tiny_raw_params() -> dict:
     raw["instructions"]["sources"] = [{"name": "python_qa", "kind": "builtin", "corpus": "python_qa", "limit": 300}]
     raw["sft"]["train"].update(steps=4, **small)
     # the gold labeler needs a model good enough to avoid ties; end to end uses the human file
-    raw["preferences"].update(labeler="file", val_fraction=0.3, prompts=12, k=2, max_new_tokens=8)
+    raw["preferences"].update(labeler="file", val_fraction=0.3, prompts=12, k=2)
+    raw["paths"]["human_preferences"] = "examples/preferences.jsonl"
+    raw["preferences"]["sampling"]["max_new_tokens"] = 8
     raw["reward"]["train"].update(steps=4, **small)
-    raw["ppo"].update(steps=2, batch_prompts=4, max_new_tokens=8, ckpt_every=1)
+    raw["ppo"].update(steps=2, batch_prompts=4, ckpt_every=1)
+    raw["ppo"]["sampling"]["max_new_tokens"] = 8
+    raw["evaluate"].update(prompts=8)
+    raw["evaluate"]["sampling"]["max_new_tokens"] = 8
+    for section in ("pretrain", "sft", "preferences", "reward", "ppo", "evaluate"):
+        raw[section]["compute"]["device"] = "cpu"  # CPU tests stay on the CPU on a GPU machine too
     return raw
+
+
+def cfg(dotted: str, **overrides):
+    """A section of the tiny params (e.g. `cfg("quality.rules", min_words=500)`), validated."""
+    from tasks.config import parse_params
+
+    section = parse_params(tiny_raw_params())
+    for part in dotted.split("."):
+        section = getattr(section, part)
+    return type(section).model_validate({**section.model_dump(), **overrides})
+
+
+def train_cfg(steps: int, **overrides):
+    """A TrainConfig for unit tests: no warmup, evaluation and checkpoints only when asked."""
+    base = {"steps": steps, "batch_size": 4, "warmup_steps": 0, "eval_every": 1000, "ckpt_every": 1000, "lr": 3e-3}
+    return cfg("pretrain.train", **{**base, **overrides})
+
+
+def runtime(device: str = "cpu", dtype: str = "auto", compile: bool = False):
+    from tasks.lib.runtime import Runtime
+
+    return Runtime(cfg("pretrain.compute", device=device, dtype=dtype, compile=compile))
 
 
 @pytest.fixture
@@ -73,23 +103,21 @@ def run_stage(module, params):
     """Call a stage's pure run() with the paths its module declares."""
     from tasks.stage import resolve
 
-    return module.run(params, resolve(params, module.INPUTS), resolve(params, module.OUTPUTS))
+    return module.run(params, resolve(params, module.STAGE, module.INPUTS), resolve(params, module.STAGE, module.OUTPUTS))
 
 
 def git(cwd, *args):
     subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
 
 
-@pytest.fixture
-def project(tmp_path):
+def make_project(proj: Path, raw: dict | None = None) -> Path:
     """A throwaway copy of the project (code, dvc.yaml, tiny params) as its own git + DVC repo."""
-    proj = tmp_path / "proj"
-    proj.mkdir()
+    proj.mkdir(parents=True)
     for name in ("tasks", "flows", "examples"):
         shutil.copytree(REPO / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", proj / "dvc.yaml")
-    (proj / "params.yaml").write_text(yaml.safe_dump(tiny_raw_params(), sort_keys=False))
-    (proj / ".gitignore").write_text("mlflow.db\nmlruns/\n__pycache__/\ncheckpoints/\n")
+    (proj / "params.yaml").write_text(yaml.safe_dump(raw or tiny_raw_params(), sort_keys=False))
+    (proj / ".gitignore").write_text("mlflow.db\nmlflow.db.lock\nmlruns/\n__pycache__/\n")
     git(proj, "init", "-q")
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=proj, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=proj, check=True)
@@ -98,8 +126,13 @@ def project(tmp_path):
     return proj
 
 
-def dvc(proj, *args, check=True):
-    env = {**os.environ, "PYTHONPATH": str(proj)}
+@pytest.fixture
+def project(tmp_path):
+    return make_project(tmp_path / "proj")
+
+
+def dvc(proj, *args, check=True, env=None):
+    env = env or {**os.environ, "PYTHONPATH": str(proj)}
     res = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=proj, capture_output=True, text=True, env=env)
     if check and res.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}")

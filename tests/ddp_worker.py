@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from tasks.config import TrainConfig
-from tasks.model import GPT, ModelConfig
-from tasks.train import train_loop
+from tasks.lib.model import GPT, ModelConfig
+from tasks.lib.train import train_loop
+from tests.conftest import runtime, train_cfg
 
 data = torch.randint(0, 40, (4000,), generator=torch.Generator().manual_seed(0))
 
@@ -22,11 +22,12 @@ def batch_fn(step, micro, rank):  # each rank draws its own windows
 
 torch.manual_seed(0)
 model = GPT(ModelConfig(vocab_size=40, n_layer=2, n_head=2, d_model=32, max_seq_len=32))
-cfg = TrainConfig(steps=20, batch_size=4, lr=3e-3, eval_every=1000, ckpt_every=1000, device="cpu")
+cfg = train_cfg(20)
+rt = runtime("cpu")
 out = Path(os.environ["OUT"])
-model, hist = train_loop("ddp", model, cfg, batch_fn, lambda m, b: (m(*b)[1], {}), lambda b: b[0].numel(), out / "ckpt", "fp")
+model, hist = train_loop("ddp", model, cfg, rt, batch_fn, lambda m, b: (m(*b)[1], {}), lambda b: b[0].numel(), out / "ckpt", "fp")
 rank = int(os.environ["RANK"])
 (out / f"rank{rank}.json").write_text(json.dumps({
-    "world_size": hist["world_size"], "first_loss": hist["first_loss"], "last_loss": hist["final"]["loss"],
+    "world_size": rt.world, "first_loss": hist["first_loss"], "last_loss": hist["final"]["loss"],
     "param_sum": float(sum(p.double().sum() for p in model.parameters())),
 }))

@@ -6,9 +6,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks import builtin, collect
+from tasks import collect
+from tasks.lib import corpora as builtin
 from tasks.config import CrawlMix, parse_params
-from tasks.storage import StageError, read_docs
+from tasks.lib.errors import StageError
+from tasks.lib.storage import read_docs
 from tests.conftest import run_stage, tiny_raw_params
 
 
@@ -95,9 +97,9 @@ def test_failed_rerun_keeps_previous_output(workdir):
 
 def test_synthetic_crawl_is_deterministic_with_ground_truth():
     ref = [("ref/x", " ".join(["word"] * 50 + [f"w{i}" for i in range(100)]))]
-    a = list(builtin.synthetic_crawl(200, CrawlMix(), 7, ref))
-    b = list(builtin.synthetic_crawl(200, CrawlMix(), 7, ref))
-    c = list(builtin.synthetic_crawl(200, CrawlMix(), 8, ref))
+    a = list(builtin.synthetic_crawl(200, CrawlMix().model_dump(), 7, ref))
+    b = list(builtin.synthetic_crawl(200, CrawlMix().model_dump(), 7, ref))
+    c = list(builtin.synthetic_crawl(200, CrawlMix().model_dump(), 8, ref))
     assert a == b and a != c and len(a) == 200
     kinds = {m["kind"].split(":")[0] for _, _, m in a}
     assert {"good", "boilerplate", "spam", "garbage", "short", "exact_duplicate", "near_duplicate"} <= kinds
@@ -117,3 +119,20 @@ def test_builtin_python_corpora_are_real_text():
     assert len(docs) == 90 and docs[0][0].startswith("topic/") and docs[-1][0].startswith("module/")
     code = list(builtin.python_code(limit=3, seed=1))
     assert len(code) == 3 and all(b"def " in c or b"import" in c for _, c, _ in code)
+
+
+def test_files_are_read_in_parallel_and_ids_stay_unique_across_files(workdir):
+    (workdir / "in").mkdir()
+    for f in range(3):
+        lines = [json.dumps({"id": f"k{i}" if i < 2 else f"f{f}-{i}", "text": f"file {f} document {i}"}) for i in range(5)]
+        (workdir / "in" / f"{f}.jsonl").write_text("\n".join(lines) + "\n")
+    results = []
+    for workers in (1, 2):
+        params = params_with([{"name": "s", "kind": "files", "role": "crawl", "globs": ["in/*.jsonl"], "id_field": "id"}])
+        params = params.model_copy(update={"executor": params.executor.model_copy(update={"workers": workers})})
+        m = run_stage(collect, params)
+        rows = read_docs(workdir / "data/raw/s")
+        results.append([(r["id"], r["text"]) for r in rows])
+        assert m["sources"]["s"]["dropped"] == {"duplicate_id": 4} and m["sources"]["s"]["docs"] == 11
+    assert results[0] == results[1]
+    assert [i for i, _ in results[0]][:2] == ["s/k0", "s/k1"] and dict(results[0])["s/k0"] == "file 0 document 0"  # the first file wins

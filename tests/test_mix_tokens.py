@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks import collect, dedup, mix, quality, tokenize, tokenizer
-from tasks.config import SPECIAL_TOKENS
-from tasks.storage import doc_row, read_docs, write_docs
+from tasks import collect, dedup, mix, quality, sources, tokenize, tokenizer
+from tasks.lib.bpe import SPECIAL_TOKENS, load_tokenizer, train_bpe
+from tasks.lib.mixture import read_index
+from tasks.lib.storage import doc_row, read_docs, write_docs
 from tests.conftest import run_stage
 
 
@@ -32,11 +33,12 @@ def test_mixture_matches_weights_with_epochs_and_subsampling(workdir, tiny_param
         assert abs(s["realised_share"] - s["target_share"]) < 0.02, (name, s)
     assert m["sources"]["python_docs"]["epochs"] > 2  # small, heavily weighted: repeated
     assert m["sources"]["python_code"]["epochs"] < 1  # large, lightly weighted: subsampled
-    train = read_docs(workdir / "data/mix/train")
-    val = read_docs(workdir / "data/mix/val")
-    assert len(train) == m["train_docs"]
-    assert not {r["id"] for r in train} & {r["id"] for r in val}, "validation documents leak into train"
-    assert len({r["source"] for r in train[:50]}) == 3, "train rows are shuffled across sources"
+    index = read_index(workdir / "data/mix", workdir / "data/dedup")
+    assert sum(int(c.sum()) for parts in index.values() for _, c, _ in parts) == m["train_docs"]
+    assert not any(((c > 0) & v).any() for parts in index.values() for _, c, v in parts), "validation documents leak into train"
+    docs = index["python_docs"][0][1]
+    assert docs.max() >= 3 and set(np.unique(docs)) <= {0, docs.max() - 1, docs.max()}  # whole passes, then a partial one
+    assert not list((workdir / "data/mix").rglob("*.parquet")) == [] and not (workdir / "data/mix/train").exists()  # an index, no copies
 
 
 def test_mixture_in_documents_and_epoch_cap(workdir, tiny_params):
@@ -49,33 +51,74 @@ def test_mixture_in_documents_and_epoch_cap(workdir, tiny_params):
 
 def test_tokenizer_round_trips_and_has_special_tokens(tmp_path):
     corpus = ["def f(x):\n    return x * 2\n", "Héllo wörld — naïve café 東京 🚀", "The quick brown fox."] * 50
-    tok = tokenizer.train_bpe(iter(corpus), 400, 1)
+    tok = train_bpe(iter(corpus), 400, 1)
     for text in corpus[:3] + ["unseen bytes: \x01\x7f ☃ ∑ zebra", "  leading spaces\n\n\ttabs"]:
         assert tok.decode(tok.encode(text).ids) == text
-    for special in SPECIAL_TOKENS.values():
-        assert len(tok.encode(special).ids) == 1
-    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS.values()] == list(range(len(SPECIAL_TOKENS)))
+    ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS.values()]
+    assert ids == list(range(len(SPECIAL_TOKENS)))  # fixed, small ids, inserted by the template only
+    for special in SPECIAL_TOKENS.values():  # the same strings inside text stay text
+        enc = tok.encode(f"a {special} b").ids
+        assert not set(enc) & set(ids) and tok.decode(enc) == f"a {special} b"
 
 
 def run_data_half(tiny_params):
-    return {s.STAGE: run_stage(s, tiny_params) for s in (collect, quality, dedup, mix, tokenizer, tokenize)}
+    return {s.STAGE: run_stage(s, tiny_params) for s in (sources, collect, quality, dedup, mix, tokenizer, tokenize)}
 
 
 def test_token_files_decode_back_to_the_mixture(workdir, tiny_params):
     metrics = run_data_half(tiny_params)
     meta = json.loads((workdir / "data/tokens/meta.json").read_text())
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == 600
-    tok = tokenizer.load_tokenizer(workdir / "models/tokenizer")
+    tok = load_tokenizer(workdir / "models/tokenizer")
     eot = meta["special_tokens"]["eot"]
+    index = read_index(workdir / "data/mix", workdir / "data/dedup")
     for split in ("train", "val"):
         ids = np.memmap(workdir / f"data/tokens/{split}.bin", dtype=meta["dtype"], mode="r")
         assert len(ids) == meta["splits"][split]["tokens"] == metrics["tokenize"][f"{split}_tokens"]
         docs = np.split(np.asarray(ids), np.flatnonzero(ids == eot) + 1)[:-1]
-        rows = read_docs(workdir / f"data/mix/{split}")
-        assert len(docs) == len(rows)
-        for row, doc in list(zip(rows, docs))[:30]:
-            assert tok.decode(doc[:-1].tolist()) == row["text"]
+        texts = []  # what the index says, in shard order, each train document as many times as its count
+        for source in sorted(index):
+            for path, counts, val in index[source]:
+                rows = read_docs_of(path)
+                for r, row in enumerate(rows):
+                    texts += [row["text"]] * (int(counts[r]) if split == "train" else int(val[r]))
+        assert len(docs) == len(texts) == meta["splits"][split]["docs"]
+        for text, doc in list(zip(texts, docs))[:40]:
+            assert tok.decode(doc[:-1].tolist()) == text
     assert metrics["tokenizer"]["bytes_per_token_all"] > 1.5
+
+
+def read_docs_of(path):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+def test_special_token_strings_in_documents_stay_text(workdir, tiny_params):
+    write_docs(workdir / "data/dedup/python_docs", [doc_row("python_docs/a", "python_docs", "A doc with <|endoftext|> inside and <|user|> too. " * 20)])
+    write_docs(workdir / "data/dedup/python_code", [doc_row("python_code/b", "python_code", "x = 1  # <|assistant|>\n" * 20)])
+    write_docs(workdir / "data/dedup/web_crawl", [doc_row("web_crawl/c", "web_crawl", "Plain words of the crawl. " * 20)])
+    params = mix_params(tiny_params, {"python_docs": 1.0, "python_code": 1.0, "web_crawl": 1.0}, val_fraction=0.01)
+    for stage in (mix, tokenizer, tokenize):
+        run_stage(stage, params)
+    meta = json.loads((workdir / "data/tokens/meta.json").read_text())
+    ids = np.fromfile(workdir / "data/tokens/train.bin", dtype=meta["dtype"])
+    specials = meta["special_tokens"]
+    assert int((ids == specials["eot"]).sum()) == meta["splits"]["train"]["docs"], "one separator per document, none from text"
+    assert not set(ids.tolist()) & {specials[k] for k in ("user", "assistant", "end_of_turn", "reward", "pad")}
+
+
+def test_the_executor_does_not_change_the_outputs(tmp_path, monkeypatch, tiny_params):
+    """One process or a pool of two: byte-identical data."""
+    digests = []
+    for workers in (1, 2):
+        d = tmp_path / f"w{workers}"
+        d.mkdir()
+        monkeypatch.chdir(d)
+        params = tiny_params.model_copy(update={"executor": tiny_params.executor.model_copy(update={"workers": workers})})
+        run_data_half(params)
+        digests.append({**tree_digest(d / "data"), **tree_digest(d / "models")})
+    assert digests[0] == digests[1]
 
 
 def tree_digest(root: Path) -> dict[str, str]:

@@ -10,17 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.config import PPO, TrainConfig
-from tasks.model import GPT, ModelConfig, ScalarModel, generate, load_checkpoint, save_checkpoint
-from tasks.train import train_loop
+from tasks.lib.model import GPT, CheckpointError, ModelConfig, ScalarModel, generate, load_checkpoint, save_checkpoint
+from tasks.lib.train import train_loop
+from tests.conftest import cfg as conf
+from tests.conftest import runtime, train_cfg
 
 TINY = ModelConfig(vocab_size=40, n_layer=2, n_head=2, d_model=32, max_seq_len=48)
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
 
 
 def tiny_train(steps, **kw):
-    kw.setdefault("device", "cpu")  # CPU tests stay on the CPU on a GPU machine too
-    return TrainConfig(steps=steps, batch_size=4, lr=kw.pop("lr", 3e-3), warmup_steps=kw.pop("warmup_steps", 0), eval_every=1000, ckpt_every=kw.pop("ckpt_every", 1000), **kw)
+    return train_cfg(steps, **kw)
 
 
 def test_model_overfits_a_tiny_batch():
@@ -84,9 +84,9 @@ def test_generation_stops_at_stop_token_and_samples_with_top_k_top_p():
 
 
 def test_sft_prompt_tokens_carry_no_loss():
-    from tasks.chat import Template
-    from tasks.sft import masked_batch
-    from tasks.tokenizer import train_bpe
+    from tasks.lib.template import Template
+    from tasks.lib.instructions import masked_batch
+    from tasks.lib.bpe import train_bpe
 
     tok = train_bpe(iter(["What does json.dumps do? It serializes an object to JSON."] * 20), 300, 1)
     t = Template(tok)
@@ -147,8 +147,8 @@ def test_ppo_raises_a_planted_reward_with_bounded_kl(device):
         return torch.tensor([sum(t == target for t in r) / max(len(r), 1) for r in responses], dtype=torch.float)
 
     prompts = [[1, 2, 3 + i % 5] for i in range(32)]
-    cfg = PPO(steps=30, batch_prompts=16, max_new_tokens=8, ppo_epochs=2, minibatches=2, lr=3e-3, value_lr=3e-3,
-              kl={"beta": 0.01, "adaptive": False})
+    cfg = conf("ppo", steps=30, batch_prompts=16, sampling={"max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0}, ppo_epochs=2,
+               minibatches=2, lr=3e-3, value_lr=3e-3, kl={"beta": 0.01, "adaptive": False, "target": 2.0, "horizon": 1000})
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
     hist = ppo_loop(policy, ref, value, score_fn, prompts, cfg, pad_id=0, stop_ids=(), seed=0, device=torch.device(device), autocast=autocast)
     start = sum(h["reward_mean"] for h in hist[:5]) / 5
@@ -160,7 +160,7 @@ def test_ppo_raises_a_planted_reward_with_bounded_kl(device):
 
 
 def test_gae_matches_hand_computation():
-    from tasks.ppo import gae
+    from tasks.lib.rl import gae
 
     rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
     values = torch.tensor([[0.0, 0.5, 0.5, 0.0]])
@@ -185,7 +185,7 @@ def _pretrain_like(tmp: Path, steps: int, crash_at: int | None = None):
 
     torch.manual_seed(0)
     model = GPT(TINY)
-    return train_loop("t", model, tiny_train(steps, ckpt_every=3, grad_accum=2, warmup_steps=2), batch_fn,
+    return train_loop("t", model, tiny_train(steps, ckpt_every=3, grad_accum=2, warmup_steps=2), runtime(), batch_fn,
                       lambda m, b: (m(*b)[1], {}), lambda b: b[0].numel(), tmp, "fp", on_step=crash)
 
 
@@ -213,7 +213,7 @@ def test_checkpoints_round_trip_through_safetensors(tmp_path):
         assert torch.equal(a[0] if isinstance(a, tuple) else a, b[0] if isinstance(b, tuple) else b)
     rm, _ = load_checkpoint(tmp_path / "GPT", kind="scalar")  # the reward model starts from an LM
     assert isinstance(rm, ScalarModel)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CheckpointError, match="nothing: no checkpoint"):
         load_checkpoint(tmp_path / "nothing")
 
 
@@ -233,13 +233,13 @@ def test_ddp_with_two_gloo_processes_trains(tmp_path):
 
 
 def test_rerun_after_a_finished_run_reports_without_retraining(tmp_path):
-    from tasks.train import train_loop as loop
+    from tasks.lib.train import train_loop as loop
 
     def run_once():
         torch.manual_seed(0)
         model = GPT(TINY)
         x = torch.randint(0, 40, (4, 17), generator=torch.Generator().manual_seed(0))
-        return loop("t", model, tiny_train(3), lambda s, m, r: (x[:, :-1], x[:, 1:]), lambda m, b: (m(*b)[1], {}),
+        return loop("t", model, tiny_train(3), runtime(), lambda s, m, r: (x[:, :-1], x[:, 1:]), lambda m, b: (m(*b)[1], {}),
                     lambda b: b[0].numel(), tmp_path / "ck", "fp", eval_fn=lambda m, s: {"val_loss": float(m(x[:, :-1], x[:, 1:])[1])})
 
     first_model, first = run_once()
@@ -252,11 +252,29 @@ def test_rerun_after_a_finished_run_reports_without_retraining(tmp_path):
 def test_training_loop_on_cuda_with_bf16_and_compile(tmp_path):
     data = torch.randint(0, 40, (4, 33), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
-    model, hist = train_loop("t", GPT(TINY), tiny_train(40, lr=1e-2, device="cuda", dtype="auto", compile=True),
+    model, hist = train_loop("t", GPT(TINY), tiny_train(40, lr=1e-2), runtime("cuda", "auto", compile=True),
                              lambda s, m, r: (data[:, :-1], data[:, 1:]), lambda m, b: (m(*(v.cuda() for v in b))[1], {}),
                              lambda b: b[0].numel(), tmp_path / "ck", "fp")
-    assert hist["dtype"] == "bfloat16" and hist["device"].startswith("cuda")
+    assert hist["final"]["loss"] == hist["curve"][-1]["loss"]
     assert hist["final"]["loss"] < 0.5 * hist["first_loss"]
     save_checkpoint(tmp_path / "m", model, None, {})  # plain names: no torch.compile prefix in the file
     loaded, _ = load_checkpoint(tmp_path / "m", "cuda")
     assert sorted(loaded.state_dict()) == sorted(GPT(TINY).state_dict())
+
+
+def test_best_weights_by_a_held_out_metric_are_kept(tmp_path):
+    """The reward model keeps the weights of its best held-out accuracy, not the last ones."""
+    x = torch.randint(0, 40, (4, 17), generator=torch.Generator().manual_seed(0))
+    planted = iter([0.50, 0.55, 0.80, 0.60, 0.70])  # step 0, then after steps 1..4
+    snapshots = {}
+
+    def eval_fn(m, step):
+        snapshots[step + 1] = {k: v.clone() for k, v in m.state_dict().items()}
+        return {"val_accuracy": next(planted)}
+
+    torch.manual_seed(0)
+    model, hist = train_loop("t", GPT(TINY), tiny_train(4, eval_every=1), runtime(), lambda s, m, r: (x[:, :-1], x[:, 1:]),
+                             lambda m, b: (m(*b)[1], {}), lambda b: b[0].numel(), tmp_path / "ck", "fp", eval_fn=eval_fn, best_by="val_accuracy")
+    assert hist["best"] == {"step": 2, "value": 0.80}
+    assert all(torch.equal(model.state_dict()[k], snapshots[2][k]) for k in snapshots[2])
+    assert not torch.equal(model.state_dict()["tok.weight"], snapshots[4]["tok.weight"])

@@ -1,0 +1,149 @@
+"""MLflow model registry: register a checkpoint as a version of a named model, once.
+
+The checkpoint (safetensors + config.json + tokenizer) is logged inside an MLflow `pyfunc`
+model (tasks/lib/pyfunc_model.py, logged as code, not pickled) that generates text, so
+`mlflow.pyfunc.load_model("models:/sft@champion")` gives a model that answers prompts, and
+the raw checkpoint stays a plain artifact. Versions are identified by the SHA-256 of
+`model.safetensors` (the `checkpoint.sha256` tag): registering weights that already have a
+version returns that version instead of adding a duplicate, so reruns that reproduce the
+same weights (`dvc repro -f`, a fresh clone against a shared server) register nothing new.
+
+Each version is tagged with its lineage: git commit, the `dvc.lock` hashes of its inputs and,
+when the parent is registered, the parent's version (`parent_model: sft/3`); the parent's
+checkpoint hash is tagged in every case (`parent.checkpoint.sha256`).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from tasks.lib.hashing import file_hash
+
+log = logging.getLogger("registry")
+
+
+def checkpoint_sha(folder: Path) -> str:
+    return file_hash(Path(folder) / "model.safetensors")
+
+
+def _versions(name: str) -> list:
+    try:
+        return list(mlflow.MlflowClient().search_model_versions(f"name = '{name}'"))
+    except mlflow.exceptions.MlflowException:
+        return []
+
+
+def version_by_sha(name: str, sha: str) -> str | None:
+    """The oldest version of `name` holding these exact weights, or None."""
+    match = [int(v.version) for v in _versions(name) if v.tags.get("checkpoint.sha256") == sha]
+    return str(min(match)) if match else None
+
+
+def version_of(name: str, folder: Path) -> str | None:
+    """The registered version of `name` holding exactly this checkpoint, or None."""
+    if not (Path(folder) / "model.safetensors").is_file():
+        return None
+    return version_by_sha(name, checkpoint_sha(folder))
+
+
+def parent_tags(name: str, folder: Path) -> dict[str, str]:
+    """Lineage tags naming the checkpoint a model was trained from."""
+    sha = checkpoint_sha(folder)
+    tags = {"parent.checkpoint.sha256": sha}
+    version = version_by_sha(name, sha)
+    if version is not None:
+        tags["parent_model"] = f"{name}/{version}"
+    return tags
+
+
+def requirements() -> list[str]:
+    """The packages the served model needs, pinned to the versions that trained it."""
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p)}" for p in ("torch", "tokenizers", "safetensors", "numpy")]
+
+
+def signature():
+    """Prompts in, completions out, and the generation settings as params."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string")]),  # a list of prompts, or a DataFrame with one column of them
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([
+            ParamSpec("max_new_tokens", "long", 64),
+            ParamSpec("temperature", "double", 0.0),
+            ParamSpec("top_p", "double", 1.0),
+            ParamSpec("seed", "long", 0),
+        ]),
+    )
+
+
+def register_checkpoint(name: str, folder: Path, tags: dict[str, str]) -> str | None:
+    """Register `folder` as a version of `name`, logged in the active run; when these exact
+    weights are registered already, return that version and add nothing. None without an
+    active run."""
+    if mlflow.active_run() is None:
+        return None
+    sha = checkpoint_sha(folder)
+    existing = version_by_sha(name, sha)
+    if existing is not None:
+        log.info("%s: these weights are version %s already; nothing registered", name, existing)
+        return existing
+    code = Path(__file__).resolve().parents[1]
+    with warnings.catch_warnings():
+        # log_model installs its own "once" filter in front of any of ours, then advises in
+        # ANSI colours (type hints; an input example, which would load the model once more):
+        # the advice goes to the debug log instead of every training stage's output
+        warnings.showwarning = lambda message, *args, **kwargs: log.debug("mlflow: %s", message)
+        info = _log(name, folder, code)
+    version = str(info.registered_model_version)
+    tag_version(name, version, {**tags, "checkpoint.sha256": sha})
+    log.info("registered %s version %s", name, version)
+    return version
+
+
+def _log(name: str, folder: Path, code: Path):
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(code / "lib" / "pyfunc_model.py"),  # models from code: no pickled object
+        artifacts={"checkpoint": str(folder)},
+        code_paths=[str(code)],  # the wrapper and the model code travel with the version
+        pip_requirements=requirements(),
+        signature=signature(),
+        registered_model_name=name,
+    )
+
+
+def tag_version(name: str, version: str, tags: dict[str, Any]) -> None:
+    client = mlflow.MlflowClient()
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, str(v))
+
+
+def alias_version(name: str, alias: str) -> str | None:
+    """The version an alias points at, or None (no such model or alias)."""
+    try:
+        return str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    mlflow.MlflowClient().set_registered_model_alias(name, alias, version)
+    log.info("%s@%s -> version %s", name, alias, version)
+
+
+def download_checkpoint(model_uri: str) -> Path:
+    """The checkpoint folder inside a registered version (`models:/rlhf@champion`, `models:/sft/3`)."""
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    found = sorted(p.parent for p in local.rglob("model.safetensors") if (p.parent / "config.json").is_file())
+    if not found:
+        raise FileNotFoundError(f"{model_uri}: no checkpoint (model.safetensors + config.json) in the registered model")
+    return found[0]

@@ -1,0 +1,206 @@
+"""MLflow tracking shared by every stage: one nested run per stage execution.
+
+With no `MLFLOW_TRACKING_URI` set, runs go to a local SQLite file (`mlflow.db`, artifacts in
+`./mlruns`) so nothing needs a server; set the variable to use a tracking server. When the
+Prefect flow runs the pipeline it opens a parent run and hands its id to the stages in
+`GPT_PIPELINE_PARENT_RUN_ID`, so each stage's run nests under that pipeline execution.
+
+Tags on every stage run: the git commit (and whether tracked files other than `dvc.lock`
+differ from it), the DVC stage, and the `dvc.lock` hash of each input path, so a run can be
+traced to the exact data. Before the first run, `ensure_store` creates (migrates) a local
+SQLite store under a file lock, so stages started together on a fresh clone don't race,
+and checks that a tracking server answers, failing fast with its URI when it does not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import math
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tasks.lib.errors import StageError
+
+PARENT_ENV = "GPT_PIPELINE_PARENT_RUN_ID"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+log = logging.getLogger("tracking")
+
+# MLflow's own log formatting (colour codes) and download bars would land in every stage's log.
+os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")  # a server that is down fails in seconds, not minutes
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': [1, 2]}} -> {'a.b.0': 1, 'a.b.1': 2}"""
+    out: dict[str, Any] = {}
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out.update(flatten(v, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = obj
+    return out
+
+
+_BAD_NAME = re.compile(r"[^\w\-. :/]")
+
+
+def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Finite numbers only, under names MLflow accepts (`cluster_sizes.>10` -> `cluster_sizes._10`)."""
+    flat = flatten(metrics)
+    return {
+        _BAD_NAME.sub("_", k): float(v)
+        for k, v in flat.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
+
+
+def git_commit() -> dict[str, str]:
+    """The commit, and whether tracked files differ from it. `dvc.lock` is left out: DVC
+    rewrites it during every `dvc repro`, which says nothing about the code."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return {"git.commit": sha, "git.dirty": str(bool(dirty)).lower()}
+    except (OSError, subprocess.CalledProcessError):
+        return {"git.commit": "unknown"}
+
+
+def input_hashes(inputs: Mapping[str, Path], lock_path: str | Path = "dvc.lock") -> dict[str, str]:
+    """`dvc.lock` hashes of this stage's inputs, as recorded when their producer last ran."""
+    lock_path = Path(lock_path)
+    if not lock_path.is_file():
+        return {}
+    try:
+        lock = yaml.safe_load(lock_path.read_text()) or {}
+    except yaml.YAMLError:
+        return {}
+    produced: dict[str, str] = {}
+    for stage in (lock.get("stages") or {}).values():
+        for out in stage.get("outs") or []:
+            produced[str(Path(out["path"]))] = out.get("md5") or out.get("hash") or ""
+    return {f"input.{name}": produced[str(Path(p))] for name, p in inputs.items() if str(Path(p)) in produced}
+
+
+def ensure_store(uri: str | None = None, wait_s: float = 20.0) -> str:
+    """Make the tracking store usable before a run starts (see the module docstring)."""
+    uri = uri or tracking_uri()
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with open(db.with_name(db.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one process creates/migrates; the others wait, then find it ready
+            import mlflow
+
+            mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    elif uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        deadline, delay, err = time.time() + wait_s, 1.0, None
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as r:
+                    if r.status == 200:
+                        return uri
+            except (urllib.error.URLError, OSError) as e:
+                err = e
+            if time.time() + delay > deadline:
+                raise StageError(f"MLflow tracking server {uri} does not answer ({err}); start it (make services) or unset MLFLOW_TRACKING_URI")
+            log.warning("MLflow tracking server %s not answering (%s); retrying in %.0f s", uri, err, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    return uri
+
+
+def process_tags() -> dict[str, str]:
+    import socket
+
+    return {"process.host": socket.gethostname(), "process.pid": str(os.getpid())}
+
+
+def reconcile_stale_runs(experiment: str) -> list[str]:
+    """Runs of this experiment left RUNNING by a process of this host that no longer exists
+    (SIGKILL, a lost machine) are marked KILLED; returns their ids."""
+    import socket
+
+    import mlflow
+
+    from tasks.lib.process import alive
+
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    client = mlflow.MlflowClient()
+    host = socket.gethostname()
+    stale = []
+    for run in client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
+        pid = run.data.tags.get("process.pid", "")
+        if run.data.tags.get("process.host") == host and pid.isdigit() and not alive(int(pid)):
+            client.set_terminated(run.info.run_id, "KILLED")
+            stale.append(run.info.run_id)
+    if stale:
+        log.warning("marked %d run(s) of dead processes KILLED: %s", len(stale), ", ".join(stale))
+    return stale
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, experiment: str, params: Mapping[str, Any], inputs: Mapping[str, Path], tags: Mapping[str, str] | None = None) -> Iterator[Any]:
+    """Open the MLflow run of one stage (nested under the pipeline's run when there is one)."""
+    import mlflow  # heavy (~3 s): imported on first use
+
+    mlflow.set_tracking_uri(ensure_store())
+    mlflow.set_experiment(experiment)
+    reconcile_stale_runs(experiment)
+    parent = os.environ.get(PARENT_ENV) or None
+    all_tags = {"stage": stage, **git_commit(), **input_hashes(inputs), **process_tags(), **(tags or {})}
+    with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None, tags=all_tags) as run:
+        flat = {k: ("" if v is None else str(v)[:500]) for k, v in flatten(params).items()}
+        items = list(flat.items())
+        for i in range(0, len(items), 100):  # MLflow caps one batch at 100 params
+            mlflow.log_params(dict(items[i : i + 100]))
+        yield run
+
+
+def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_metrics(numeric_metrics(metrics), step=step)
+
+
+def set_tags(tags: Mapping[str, Any]) -> None:
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.set_tags({k: str(v)[:5000] for k, v in tags.items()})
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        mlflow.log_artifacts(str(p), artifact_path)
+    elif p.is_file():
+        mlflow.log_artifact(str(p), artifact_path)

@@ -1,0 +1,307 @@
+"""The one training loop shared by pretrain, sft and reward (ppo uses its optimizer and state).
+
+`train_loop` reads top to bottom:
+  1. setup: the model on the runtime's device (DDP under torchrun, optional torch.compile);
+  2. optimizer: AdamW, weight decay on matrices only;
+  3. resume from the last checkpoint when it matches this run's fingerprint (params, code
+     and the content of the inputs); an unreadable checkpoint is reported and set aside;
+  4. steps: warmup + cosine learning rate, gradient accumulation, clipping, a divergence guard;
+     metrics every step to MLflow and a progress line with rate and ETA; validation every
+     `eval_every` (keeping the best weights when `best_by` names a held-out metric); a
+     checkpoint every `ckpt_every`.
+
+The checkpoint state keeps the run's whole history (per-step curve, evaluations), so a
+resumed run reports the same figures as an unbroken one, and a finished run found again
+(`dvc repro -f`) is reused as a whole: same weights, same report, nothing retrained.
+Volatile figures (tokens/s, MFU) go to MLflow only.
+
+Batches come from `batch_fn(step, micro, rank)`, which must depend only on its arguments:
+that is what makes a resumed run see the same data order as an unbroken one.
+
+Run a stage under DDP with `torchrun --nproc_per_node N -m tasks.pretrain`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from tasks.lib.errors import StageError
+from tasks.lib.runtime import Runtime, unwrap
+from tasks.lib.storage import atomic_dir
+
+log = logging.getLogger("train")
+
+
+class DivergenceError(StageError):
+    """A non-finite loss or weight: the run stops before anything is written or registered."""
+
+
+# ----------------------------------------------------------------------------- optimizer
+def make_optimizer(model: nn.Module, cfg: Any, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with decay on matrices only; `cfg` has lr, weight_decay, beta1, beta2."""
+    seen: set[int] = set()
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:  # a tied weight appears once
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)  # matrices decay; norms, biases don't
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+def lr_at(step: int, cfg: Any) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(cfg.steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def check_finite(model: nn.Module, what: str) -> None:
+    bad = [n for n, p in unwrap(model).named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise DivergenceError(f"{what}: non-finite weights in {bad[:3]}{'…' if len(bad) > 3 else ''}: the run diverged "
+                              "(lower the learning rate or raise warmup); nothing was written")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def fingerprint(parts: Any, code: str, input_hash: str) -> str:
+    """What a resume checkpoint must match: params, the stage's code (its import closure)
+    and the content of its inputs."""
+    h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+    h.update(code.encode())
+    h.update(input_hash.encode())
+    return h.hexdigest()[:20]
+
+
+def save_state(folder: Path, tensors: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer], state: dict,
+               extra: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+    """Weights (safetensors), optimizer states (tensors only, loaded with weights_only=True),
+    extra state dicts (e.g. the best weights so far) and a JSON state, replaced whole: a kill
+    during the write leaves the previous checkpoint."""
+    from safetensors.torch import save_file, save_model
+
+    with atomic_dir(folder) as tmp:
+        for name, module in tensors.items():
+            save_model(unwrap(module), str(tmp / f"{name}.safetensors"))
+        for name, sd in (extra or {}).items():
+            save_file(sd, str(tmp / f"{name}.safetensors"))
+        torch.save({k: o.state_dict() for k, o in optimizers.items()}, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps(state, sort_keys=True, allow_nan=False))
+
+
+def load_state(folder: Path, tensors: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer], fingerprint_: str) -> dict | None:
+    """The saved state when `folder` holds a checkpoint of this very run, else None. A torn
+    or corrupt checkpoint is moved aside with a warning and the run starts afresh."""
+    from safetensors.torch import load_model
+
+    state_file = folder / "state.json"
+    if not state_file.is_file():
+        return None
+    try:
+        state = json.loads(state_file.read_text())
+        if state.get("fingerprint") != fingerprint_:
+            log.info("checkpoint in %s is from other params, code or inputs: starting afresh", folder)
+            return None
+        for name, module in tensors.items():
+            load_model(unwrap(module), str(folder / f"{name}.safetensors"), device=str(next(module.parameters()).device))
+        device = next(iter(tensors.values())).parameters().__next__().device
+        opts = torch.load(folder / "optimizer.pt", weights_only=True, map_location=device)
+        for k, o in optimizers.items():
+            o.load_state_dict(opts[k])
+    except Exception as err:  # noqa: BLE001 - any unreadable part means the checkpoint is unusable
+        log.warning("checkpoint in %s is unreadable (%s: %s): deleted, starting from scratch",
+                    folder, type(err).__name__, str(err)[:200])
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    log.info("checkpoint in %s is this run at step %d: %s", folder, state["step"], "reusing it" if state.get("finished") else "resuming")
+    return state
+
+
+# ----------------------------------------------------------------------------- logging
+class Reporter:
+    """Metrics to MLflow every step (main process only) and a progress line with ETA."""
+
+    def __init__(self, name: str, total: int, main: bool, every_s: float = 10.0):
+        self.name, self.total, self.main, self.every_s = name, total, main, every_s
+        self.t0 = self.last = time.time()
+        self.first_step: int | None = None
+        self.mlflow = None
+        if main:
+            try:
+                import mlflow
+            except ImportError:  # a bare GPU box running a benchmark: progress lines only
+                mlflow = None
+            self.mlflow = mlflow if mlflow is not None and mlflow.active_run() else None
+
+    def to_mlflow(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.main and self.mlflow is not None:
+            finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
+            if finite:
+                self.mlflow.log_metrics(finite, step=step)
+
+    def replay(self, rows: list[dict], key: str = "step") -> None:
+        """Log the history of a resumed run again, so this run's curves are whole."""
+        if not (self.main and self.mlflow is not None and rows):
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, int(r[key])) for r in rows for k, v in r.items()
+                 if k != key and isinstance(v, (int, float)) and math.isfinite(float(v))]
+        client, run_id = self.mlflow.MlflowClient(), self.mlflow.active_run().info.run_id
+        for i in range(0, len(batch), 1000):
+            client.log_batch(run_id, metrics=batch[i : i + 1000])
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """`step` counts from 0; MLflow gets step + 1 (steps done), as the saved history does."""
+        if not self.main:
+            return
+        self.to_mlflow(step + 1, metrics)
+        if self.first_step is None:
+            self.first_step, self.t0 = step, time.time()
+        now = time.time()
+        if now - self.last >= self.every_s or step + 1 == self.total:
+            self.last = now
+            done = step + 1 - self.first_step
+            rate = done / max(now - self.t0, 1e-9)
+            eta = (self.total - step - 1) / max(rate, 1e-9)
+            shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+            log.info("%s step %d/%d | %s | %.2f steps/s | ETA %dm%02ds", self.name, step + 1, self.total, shown, rate, eta // 60, eta % 60)
+
+
+# ----------------------------------------------------------------------------- the loop
+Batch = Any
+LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
+
+
+def train_loop(
+    name: str,
+    model: nn.Module,
+    cfg: Any,
+    rt: Runtime,
+    batch_fn: Callable[[int, int, int], Batch],
+    loss_fn: LossFn,
+    tokens_in: Callable[[Batch], int],
+    resume_dir: Path,
+    fingerprint_: str,
+    eval_fn: Callable[[nn.Module, int], dict[str, float]] | None = None,
+    on_step: Callable[[int], None] | None = None,
+    flops_per_token: float | None = None,
+    seed: int = 0,
+    best_by: str | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train `model` for cfg.steps optimizer steps (cfg: a TrainConfig); returns the raw
+    model and its history: `curve` (per step), `evals`, `first_loss`, `final`,
+    `resumed_from`, and `best` when `best_by` names an eval metric to maximise (the returned
+    weights are then those of the best evaluation)."""
+    # 1. setup
+    torch.manual_seed(seed)
+    model = rt.wrap(model)
+    model.train()
+    # 2. optimizer
+    opt = make_optimizer(model, cfg, rt.device)
+    # 3. resume
+    state = load_state(resume_dir, {"model": model}, {"model": opt}, fingerprint_) or {}
+    start = int(state.get("step", 0))
+    curve: list[dict] = state.get("curve", [])
+    evals: list[dict] = state.get("evals", [])
+    best: dict | None = state.get("best")
+    best_weights: dict[str, torch.Tensor] | None = None
+    if best is not None and start > 0:
+        from safetensors.torch import load_file
+
+        best_weights = load_file(str(resume_dir / "best.safetensors"))
+    report = Reporter(name, cfg.steps, rt.main)
+    report.replay(curve)
+    report.replay(evals)
+
+    def evaluate(step: int) -> None:
+        nonlocal best, best_weights
+        model.eval()
+        with torch.no_grad(), rt.autocast:
+            ev = eval_fn(unwrap(model), step)
+        model.train()
+        evals.append({"step": step + 1, **ev})
+        report.to_mlflow(step + 1, ev)
+        if rt.main:
+            log.info("%s eval at step %d: %s", name, step + 1, ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+        if best_by is not None and (best is None or ev[best_by] > best["value"]):  # strictly better: ties keep the earlier
+            best = {"step": step + 1, "value": ev[best_by]}
+            best_weights = {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
+
+    def checkpoint(step: int, finished: bool = False) -> None:
+        if rt.main:  # the best weights so far travel with the state
+            save_state(resume_dir, {"model": model}, {"model": opt},
+                       {"step": step, "fingerprint": fingerprint_, "curve": curve, "evals": evals, "best": best, "finished": finished},
+                       extra={"best": best_weights} if best_weights is not None else None)
+
+    if start == 0 and best_by is not None and eval_fn is not None:  # the starting point competes too
+        evaluate(-1)
+    # 4. steps
+    for step in range(start, cfg.steps):
+        t0 = time.time()
+        lr = lr_at(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss_sum, ntok, extra = 0.0, 0, {}
+        for micro in range(cfg.grad_accum):
+            batch = batch_fn(step, micro, rt.rank)
+            sync = micro == cfg.grad_accum - 1 or rt.world == 1
+            ctx = contextlib.nullcontext() if sync else model.no_sync()
+            with ctx:
+                with rt.autocast:  # forward in bf16 on CUDA; the backward pass follows outside autocast
+                    loss, extra = loss_fn(model, batch)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += float(loss.detach()) / cfg.grad_accum
+            ntok += tokens_in(batch)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+            raise DivergenceError(f"{name}: loss {loss_sum} / gradient norm {grad_norm} at step {step + 1}: the run diverged "
+                                  f"(lower {name}.train.lr, now {cfg.lr}, or raise warmup); nothing was written or registered")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        row = {"step": step + 1, "loss": rt.all_mean(loss_sum), "lr": lr, "grad_norm": grad_norm, **extra}
+        curve.append(row)
+        volatile = {"tokens_per_s": ntok * rt.world / dt}
+        if flops_per_token and rt.peak:
+            volatile["mfu"] = volatile["tokens_per_s"] * flops_per_token / (rt.peak * 1e12)
+        report.log(step, {k: v for k, v in row.items() if k != "step"} | volatile)
+        if eval_fn is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            evaluate(step)
+        if (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
+            checkpoint(step + 1)
+        if on_step is not None:
+            on_step(step + 1)
+    check_finite(model, name)
+    if cfg.steps > start:
+        checkpoint(cfg.steps, finished=True)
+    if best_weights is not None:
+        unwrap(model).load_state_dict(best_weights)
+    history = {"curve": curve, "evals": evals, "first_loss": curve[0]["loss"] if curve else None,
+               "final": curve[-1] if curve else {}, "resumed_from": start, "best": best, "steps": cfg.steps}
+    return unwrap(model), history
+
+
+def seeded(*parts: int) -> torch.Generator:
+    """A generator seeded by integers (seed, step, micro-batch, rank, ...): the data a step
+    sees depends on nothing else, which is what makes resumed runs repeat unbroken ones."""
+    return torch.Generator().manual_seed(hash(parts) & 0x7FFF_FFFF_FFFF)  # int tuples hash stably

@@ -1,0 +1,86 @@
+"""sources: a fingerprint of every collect source, so that new or changed data reruns collect.
+
+    python -m tasks.sources            # what `dvc repro sources` runs (always: always_changed)
+
+`files` sources and `hf` sources are outside DVC's view, so DVC runs this stage every time
+(`always_changed: true` in dvc.yaml). It takes about a second and writes `data/sources.json`,
+which changes only when a source does, so collect and everything after it rerun only then:
+
+- `files` (and `hf` with local `data_files`): each matching file's path, size and
+  modification time (as make and DVC's own state do; hashing 100 GB every night would not be
+  cheap). A new, removed, rewritten or touched file changes the fingerprint.
+- `hf` from a hub: the pinned `revision`, or the dataset's current commit asked from the hub
+  (with no network it is recorded as unresolved and a warning says to pin `revision`).
+- `builtin`: a hash of the standard-library files the built-in corpora are read from.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from tasks.config import BuiltinSource, FilesSource, HFSource, Params
+from tasks.lib.errors import StageError
+from tasks.lib.storage import write_json
+
+STAGE = "sources"
+PARAMS = ("collect.sources",)
+INPUTS: tuple[str, ...] = ()
+OUTPUTS = ("sources",)
+
+log = logging.getLogger(STAGE)
+
+
+def file_listing(patterns: list[str]) -> list[dict[str, Any]]:
+    paths = sorted({p for g in patterns for p in glob.glob(g, recursive=True) if Path(p).is_file()})
+    out = []
+    for p in paths:
+        st = os.stat(p)
+        out.append({"path": p, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return out
+
+
+def hub_revision(src: HFSource) -> str | None:
+    if src.revision:
+        return src.revision
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(src.path, timeout=10).sha
+    except Exception as err:  # offline, unknown dataset, no access: the fingerprint says so
+        log.warning("source '%s': could not ask the hub for the current commit of %s (%s); pin `revision` so that "
+                    "updates of the dataset rerun collect", src.name, src.path, type(err).__name__)
+        return None
+
+
+def fingerprint(src: Any) -> dict[str, Any]:
+    if isinstance(src, FilesSource):
+        files = file_listing(src.globs)
+        if not files:
+            raise StageError(f"source '{src.name}': no file matches {src.globs}")
+        return {"kind": "files", "files": files}
+    if isinstance(src, HFSource):
+        if src.data_files:
+            patterns = [src.data_files] if isinstance(src.data_files, str) else list(src.data_files)
+            return {"kind": "hf", "path": src.path, "files": file_listing(patterns)}
+        return {"kind": "hf", "path": src.path, "revision": hub_revision(src)}
+    from tasks.lib.corpora import stdlib_fingerprint
+
+    assert isinstance(src, BuiltinSource)
+    return {"kind": "builtin", "corpus": src.corpus, "python": sys.version.split()[0], "stdlib_sha256": stdlib_fingerprint()}
+
+
+def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict:
+    listing = {src.name: fingerprint(src) for src in params.collect.sources}
+    write_json(outputs["sources"], listing)
+    return {"sources": len(listing), "files": sum(len(v.get("files", [])) for v in listing.values())}
+
+
+if __name__ == "__main__":
+    from tasks.stage import main
+
+    raise SystemExit(main(sys.modules[__name__]))

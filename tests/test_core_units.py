@@ -1,0 +1,159 @@
+"""Hand-computed values for the helpers of training and evaluation: the learning-rate
+schedule, the resume state, metric replay into MLflow, the divergence guard, prompt splits
+and samples, SFT batches, the judge and the evaluation metrics."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from tasks.lib import instructions, judge, train
+from tasks.lib.model import GPT, ModelConfig
+from tests.conftest import train_cfg
+
+TINY = ModelConfig(vocab_size=40, n_layer=1, n_head=2, d_model=16, max_seq_len=32)
+
+
+def test_learning_rate_schedule_by_hand():
+    cfg = train_cfg(10, lr=1.0, warmup_steps=4, min_lr_ratio=0.1)
+    assert [train.lr_at(s, cfg) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    # cosine from 1.0 at step 4 to 0.1 at step 10: progress (s - 4) / 6
+    for s in (4, 6, 7, 10, 12):
+        p = min((s - 4) / 6, 1.0)
+        assert train.lr_at(s, cfg) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * p)))
+    flat = train_cfg(3, lr=0.5, warmup_steps=0, min_lr_ratio=1.0)
+    assert [train.lr_at(s, flat) for s in range(3)] == pytest.approx([0.5, 0.5, 0.5])
+
+
+def test_optimizer_decays_matrices_only():
+    model = GPT(TINY)
+    opt = train.make_optimizer(model, train_cfg(1, weight_decay=0.3, beta1=0.8, beta2=0.9, lr=0.01), torch.device("cpu"))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.3 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()  # the tied weight once
+    assert decay["betas"] == (0.8, 0.9) and decay["lr"] == 0.01
+
+
+def test_resume_state_round_trip_and_mismatch(tmp_path):
+    torch.manual_seed(0)
+    a, b = GPT(TINY), GPT(TINY)
+    opt_a = torch.optim.AdamW(a.parameters(), lr=0.1)
+    a(torch.randint(0, 40, (2, 8)), torch.randint(0, 40, (2, 8)))[1].backward()
+    opt_a.step()
+    extra = {"w": {"t": torch.arange(3.0)}}
+    train.save_state(tmp_path / "ck", {"model": a}, {"model": opt_a}, {"step": 7, "fingerprint": "f1", "curve": [{"step": 1}]}, extra=extra)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["model.safetensors", "optimizer.pt", "state.json", "w.safetensors"]
+    opt_b = torch.optim.AdamW(b.parameters(), lr=0.1)
+    assert train.load_state(tmp_path / "ck", {"model": b}, {"model": opt_b}, "other") is None  # another run's checkpoint
+    assert not torch.equal(a.tok.weight, b.tok.weight)
+    state = train.load_state(tmp_path / "ck", {"model": b}, {"model": opt_b}, "f1")
+    assert state["step"] == 7 and state["curve"] == [{"step": 1}]
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert opt_b.state_dict()["state"][0]["step"] == opt_a.state_dict()["state"][0]["step"]
+    assert train.load_state(tmp_path / "none", {"model": b}, {"model": opt_b}, "f1") is None
+    (tmp_path / "ck/optimizer.pt").write_bytes(b"torn")  # unreadable: reported, removed, None
+    assert train.load_state(tmp_path / "ck", {"model": b}, {"model": opt_b}, "f1") is None
+    assert not (tmp_path / "ck").exists()
+
+
+def test_divergence_guard():
+    model = GPT(TINY)
+    train.check_finite(model, "ok")
+    with torch.no_grad():
+        model.blocks[0].fc.weight[0, 0] = float("nan")
+    with pytest.raises(train.DivergenceError, match=r"bad: non-finite weights in \['blocks.0.fc.weight'\]"):
+        train.check_finite(model, "bad")
+
+
+def test_a_diverging_loop_stops_before_the_optimizer_step(tmp_path):
+    from tests.conftest import runtime
+
+    x = torch.randint(0, 40, (2, 9))
+    with pytest.raises(train.DivergenceError, match="at step 1"):
+        train.train_loop("t", GPT(TINY), train_cfg(3), runtime(), lambda s, m, r: x,
+                         lambda m, b: (m(b[:, :-1], b[:, 1:])[1] * float("inf"), {}), lambda b: b.numel(), tmp_path / "ck", "fp")
+    assert not (tmp_path / "ck").exists()
+
+
+def test_metrics_of_a_resumed_run_are_replayed_into_its_mlflow_run():
+    import mlflow
+
+    from tasks.lib.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment("test-replay")
+    with mlflow.start_run() as run:
+        rep = train.Reporter("t", 10, main=True, every_s=0.0)
+        rep.replay([{"step": 1, "loss": 2.0, "lr": 0.1}, {"step": 2, "loss": 1.5, "lr": float("nan")}])
+        rep.log(2, {"loss": 1.0, "tokens_per_s": 5.0})
+    client = mlflow.MlflowClient()
+    hist = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+    assert hist == {1: 2.0, 2: 1.5, 3: 1.0}  # log(step=2) is the third step done
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "lr")] == [1]  # NaN is not logged
+    assert train.Reporter("t", 10, main=False).mlflow is None
+
+
+def test_prompt_splits_by_hand():
+    split = {"a": 0.5, "b": 0.25, "c": 0.25}
+    from tasks.lib.hashing import unit_interval
+
+    for i in range(50):
+        h = unit_interval(f"id{i}", "instructions:")
+        want = "a" if h < 0.5 else "b" if h < 0.75 else "c"
+        assert instructions.split_of(f"id{i}", split) == want
+    assert instructions.split_of("x", {"only": 2.0}) == "only"
+    counts = {k: 0 for k in split}
+    for i in range(4000):
+        counts[instructions.split_of(f"e{i}", split)] += 1
+    assert abs(counts["a"] / 4000 - 0.5) < 0.03 and abs(counts["c"] / 4000 - 0.25) < 0.03
+
+
+def test_sample_and_coverage_by_hand():
+    exs = [{"id": f"python_qa/{m}.f{i}"} for m in ("json", "os", "zlib") for i in range(3)] + [{"id": "python_qa/topic/with"}]
+    from tasks.lib.hashing import unit_interval
+
+    picked = instructions.sample(exs, 4, seed=3, salt="s")
+    assert picked == sorted(exs, key=lambda e: unit_interval(e["id"], "s:3:"))[:4]
+    assert instructions.sample(exs, 100, 3, "s") == sorted(exs, key=lambda e: unit_interval(e["id"], "s:3:"))
+    assert instructions.coverage(exs) == {"examples": 10, "groups": 4, "first_group": "json", "last_group": "zlib"}
+    assert instructions.coverage([]) == {"examples": 0, "groups": 0, "first_group": None, "last_group": None}
+
+
+def test_sft_batch_by_hand():
+    x, y, m = instructions.masked_batch([([1, 2, 3, 4], [False, False, True, True]), ([5, 6], [False, True])], pad_id=0)
+    assert x.tolist() == [[1, 2, 3], [5, 0, 0]] and y.tolist() == [[2, 3, 4], [6, 0, 0]]
+    assert m.tolist() == [[False, True, True], [True, False, False]]
+    assert x.dtype == torch.long and y.dtype == torch.long
+
+
+def test_common_formats_by_hand():
+    assert instructions.to_messages({"prompt": "q", "completion": "a"}) == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert instructions.to_messages({"messages": [{"role": "user", "content": 3}]}) is None
+    assert instructions.to_messages({"messages": []}) is None
+    assert instructions.to_messages({"prompt": "q"}) is None
+
+
+def test_repetition_by_hand():
+    assert judge.repetition("a b c a b c") == pytest.approx(1 - 3 / 4)  # trigrams abc bca cab abc: 3 distinct of 4
+    assert judge.repetition("a b") == 0.0
+    assert judge.overlap_f1("the cat sat", "the cat") == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))
+    assert judge.gold_score("x y z x y z", "x y z", finished=False, repetition_penalty=1.0, unfinished_penalty=0.5) == pytest.approx(
+        judge.overlap_f1("x y z x y z", "x y z") - 1.0 * judge.repetition("x y z x y z") - 0.5)
+
+
+def test_self_similarity_and_win_rate_edges():
+    from tasks.evaluate import self_similarity, win_rate
+
+    assert self_similarity([["A b", "a B"]]) == 1.0  # case does not matter
+    assert self_similarity([["", ""]]) == 1.0 and self_similarity([]) == 0.0 and self_similarity([["a"]]) == 0.0
+    w = win_rate([1.0] * 3, [0.0] * 3)
+    assert w["ci_high"] == 1.0 and w["rate"] == 1.0 and w["n"] == 3
+    with pytest.raises(ValueError, match="equally long"):
+        win_rate([], [])
+
+
+def test_judge_parameters_round_trip_through_json():
+    # the evaluate report and MLflow carry these as JSON: plain floats, nothing else
+    assert json.loads(json.dumps({"f1": judge.overlap_f1("a", "a")})) == {"f1": 1.0}
