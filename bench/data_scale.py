@@ -2,6 +2,7 @@
 
     python bench/data_scale.py --sizes 0.3 1.2 5 --workers 2          # GB of generated JSONL
     python bench/data_scale.py --sizes 0.3 --workers 1 2              # throughput vs workers
+    python bench/data_scale.py --sizes 5 --work /big/tmp --generate-only   # then again without it: reused
 
 The corpus is JSONL files of crawl-like documents built from real text (paragraphs of
 Python's documentation, recombined and lightly edited, so the vocabulary is real), with
@@ -128,16 +129,24 @@ def main() -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[0])
     ap.add_argument("--work", default=None, help="work folder (default: a temporary one, removed at the end)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--generate-only", action="store_true", help="only generate the corpora (into --work, for a later run)")
     args = ap.parse_args()
     base = Path(args.work or tempfile.mkdtemp(prefix="data-scale-"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}"}
     summary = []
     try:
         for size in args.sizes:
-            corpus = base / f"corpus-{size}"
+            corpus = base / f"corpus-{size}-{args.seed}"
+            made = corpus / "generated.json"  # a corpus generated earlier in this work folder is reused
             t0 = time.time()
-            docs, nbytes = generate(corpus, size, args.seed)
-            print(f"\n== corpus of {nbytes / 1e9:.2f} GB, {docs} documents (generated in {time.time() - t0:.0f} s)")
+            if made.exists():
+                docs, nbytes = json.loads(made.read_text())
+            else:
+                docs, nbytes = generate(corpus, size, args.seed)
+                made.write_text(json.dumps([docs, nbytes]))
+            print(f"\n== corpus of {nbytes / 1e9:.2f} GB, {docs} documents (ready in {time.time() - t0:.0f} s)")
+            if args.generate_only:
+                continue
             for workers in args.workers:
                 work = base / f"run-{size}-{workers}"
                 work.mkdir()
@@ -159,7 +168,10 @@ def main() -> int:
                       f"   (peak RSS {peak_all / 1e6 / (nbytes / 1e9):.0f} MB per GB of input; outputs {disk_all / nbytes:.1f}x the input)")
                 summary.append((size, workers, total_s, peak_all, disk_all, nbytes))
                 shutil.rmtree(work / "data")  # keep the next run's disk free
-            shutil.rmtree(corpus)
+            if not args.work:
+                shutil.rmtree(corpus)
+        if args.generate_only:
+            return 0
         print("\n== summary")
         for size, workers, secs, peak, disk, nbytes in summary:
             print(f"{nbytes / 1e9:5.2f} GB, workers {workers or 'all'}: {secs:7.0f} s, peak RSS {peak / 1e9:.2f} GB, outputs {disk / 1e9:.2f} GB")

@@ -185,6 +185,13 @@ def test_evaluator_prompts_and_summary_by_hand(evaluator_parts):
     # win rates compare the first sample of each prompt: rm 1 > 0 (win), -1 == -1 (tie) -> 0.75; gold 0.5 < 0.6, 0.2 > 0.1 -> 0.5
     assert m["win_rate_vs_sft_rm"] == pytest.approx(0.75) and m["win_rate_vs_sft_gold"] == pytest.approx(0.5)
     assert "win_rate_vs_sft_rm" not in ev.summary(out, None)
+    # bigrams (1,2) (1,2) (2,3) (4,5): 3 distinct of 4
+    assert m["distinct_2"] == pytest.approx(3 / 4)
+    for name, a, b in (("rm", [1.0, -1.0], [0.0, -1.0]), ("gold", [0.5, 0.2], [0.6, 0.1])):
+        w = evaluate.win_rate(a, b)
+        assert (m[f"win_rate_vs_sft_{name}_ci_low"], m[f"win_rate_vs_sft_{name}_ci_high"]) == (w["ci_low"], w["ci_high"])
+    # samples are grouped per prompt (k = 2): prompt 1 identical, prompt 2 identical -> 1.0
+    assert ev.summary({**out, "texts": ["a b", "a b", "c", "c"]}, None)["self_similarity"] == pytest.approx(1.0)
 
 
 def test_evaluator_run_keeps_samples_with_their_prompts(evaluator_parts, monkeypatch):
@@ -261,3 +268,62 @@ def test_fingerprint_changes_with_each_part():
     assert base == fingerprint({"lr": 1}, "code", "inputs") and len(base) == 20
     assert len({base, fingerprint({"lr": 2}, "code", "inputs"), fingerprint({"lr": 1}, "code2", "inputs"),
                 fingerprint({"lr": 1}, "code", "inputs2")}) == 4
+
+
+def test_fingerprint_ignores_key_order_and_takes_paths():
+    from pathlib import PurePosixPath
+
+    from tasks.lib.train import fingerprint
+
+    assert fingerprint({"a": 1, "b": 2}, "c", "i") == fingerprint({"b": 2, "a": 1}, "c", "i")
+    assert fingerprint({"p": PurePosixPath("x/y")}, "c", "i") == fingerprint({"p": "x/y"}, "c", "i")
+
+
+def test_sft_example_with_an_empty_answer_is_kept_and_one_without_an_answer_dropped():
+    from tasks.lib.bpe import train_bpe
+    from tasks.lib.instructions import encode_examples
+    from tasks.lib.template import Template
+
+    t = Template(train_bpe(iter(["one two three four five six"] * 20), 300, 1))
+    empty = {"messages": [{"role": "user", "content": "one"}, {"role": "assistant", "content": ""}]}
+    no_answer = {"messages": [{"role": "user", "content": "one"}]}
+    items, dropped = encode_examples([empty, no_answer], t, 100, 100, 64)
+    assert dropped == 1 and len(items) == 1
+    ids, mask = items[0]
+    assert ids[-1] == t.end_turn and sum(mask) == 1  # the model learns to end its turn at once
+
+
+def test_evaluator_run_batches_cuts_long_prompts_and_scores_unfinished_answers(evaluator_parts, monkeypatch):
+    """One prompt per batch still gives every sample; a prompt longer than the context minus
+    the answer is cut from the start (for the policy and for the reward model); an empty or
+    unended chat answer is unfinished, and the judge is told so."""
+    from tasks.lib import model as model_lib
+    from tasks.lib.judge import gold_score
+    from tasks.lib.model import GPT
+
+    params, t, scorer, examples, cfg = evaluator_parts
+    long_q = " ".join(["What does len do?"] * 30)  # far more tokens than the 64-token context
+    examples = [examples[0], {"id": "long", "messages": [{"role": "user", "content": long_q}, {"role": "assistant", "content": "Open a file."}]}]
+    model = GPT(cfg).eval()
+    seen = []
+    answers = iter([[], t.text_ids("Return the") + [t.end_turn], t.text_ids("Open a"), [t.end_turn]])
+
+    def fake_generate(m, prompts, max_new_tokens, **kw):
+        seen.append((m is model, [list(p) for p in prompts]))
+        return [next(answers) for _ in prompts]
+
+    monkeypatch.setattr(model_lib, "generate", fake_generate)
+    ev = evaluate.Evaluator(params, t, scorer, examples, [], contextlib.nullcontext())
+    out = ev.run(model, chat=True, batch=1)
+    assert len(seen) == 4 and all(same for same, _ in seen) and [len(p) for _, p in seen] == [1, 1, 1, 1]
+    limit = cfg.max_seq_len - params.evaluate.sampling.max_new_tokens
+    full = t.prompt(long_q)
+    assert len(full) > cfg.max_seq_len and seen[2][1][0] == full[-limit:]
+    assert out["finished"] == [False, True, False, True] and out["texts"] == ["", "Return the", "Open a", ""]
+    jd = params.judge
+    assert out["gold"][2] == pytest.approx(gold_score("Open a", "Open a file.", False, jd.repetition_penalty, jd.unfinished_penalty))
+    assert out["gold"][2] != pytest.approx(gold_score("Open a", "Open a file.", True, jd.repetition_penalty, jd.unfinished_penalty))
+    from tasks.lib.rl import rewards_of
+
+    want = rewards_of(scorer, [t.scored(full, t.text_ids("Open a"), cfg.max_seq_len)], t.pad).item()
+    assert out["rm"][2] == pytest.approx(want, abs=1e-5)

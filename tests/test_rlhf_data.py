@@ -163,3 +163,48 @@ def test_gold_labeler_keeps_each_prompts_completions_together(tmp_path, monkeypa
     assert len(recs) == 7
     for r in recs:
         assert all(len(c) > 12 and r["prompt"].startswith(c) for c in r["completions"]), r
+
+
+def test_reward_reads_preference_records_by_hand(tmp_path):
+    """tasks.reward.load_prompts: each completion as the RM reads it (prompt, completion, end
+    of turn only when it finished, readout token), and the pairs a ranking implies: none
+    inside a tie group, none with a flagged completion; a broken line is named by number."""
+    from tasks.lib.bpe import train_bpe
+    from tasks.lib.template import Template
+    from tasks.reward import load_prompts
+
+    t = Template(train_bpe(iter(["alpha beta gamma delta"] * 10), 300, 1))
+    p = tmp_path / "train.jsonl"
+    records = [
+        {"prompt": "alpha", "completions": ["beta", "gamma", "delta", "beta gamma"], "finished": [True, False, True, True],
+         "ranking": [2, 0, 1, 3], "ties": [[0, 1]], "flagged": [3]},
+        {"prompt": "gamma", "completions": ["beta", "delta"], "ranking": [1, 0]},  # no `finished`: all finished
+        {"prompt": "delta", "completions": ["beta", "gamma"], "ranking": [0, 1], "ties": [[0, 1]]},  # no pair left: skipped
+    ]
+    p.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    out = load_prompts(p, t, max_len=64)
+    assert len(out) == 2
+    first, second = out
+    prompt = t.prompt("alpha")
+    assert first["seqs"][0] == prompt + t.text_ids("beta") + [t.end_turn, t.reward]
+    assert first["seqs"][1] == prompt + t.text_ids("gamma") + [t.reward]  # unfinished: no end of turn
+    assert first["pairs"] == [(2, 0), (2, 1)]  # 0 and 1 tied, 3 flagged
+    assert second["pairs"] == [(1, 0)]
+    assert second["seqs"][1] == t.prompt("gamma") + t.text_ids("delta") + [t.end_turn, t.reward]
+    # max_len cuts the prompt's start, never the readout token
+    short = load_prompts(p, t, max_len=4)
+    assert all(len(s) <= 4 and s[-1] == t.reward for r in short for s in r["seqs"])
+    p.write_text(json.dumps(records[0]) + "\n" + json.dumps({**records[1], "ranking": [0, 0]}) + "\n")
+    with pytest.raises(StageError, match=r"train\.jsonl:2: not a preference record \(RankingError\)"):
+        load_prompts(p, t, max_len=64)
+
+
+def test_scored_sequence_without_a_limit_is_whole():
+    from tasks.lib.bpe import train_bpe
+    from tasks.lib.template import Template
+
+    t = Template(train_bpe(iter(["alpha beta gamma delta"] * 10), 300, 1))
+    assert t.scored([1, 2, 3], [4, 5]) == [1, 2, 3, 4, 5, t.reward]
+    assert t.scored([1, 2, 3], [4, 5], None) == [1, 2, 3, 4, 5, t.reward]
+    assert t.scored([1, 2, 3], [4, 5], 6) == [1, 2, 3, 4, 5, t.reward]
+    assert t.scored([1, 2, 3], [4, 5], 3) == [4, 5, t.reward]
