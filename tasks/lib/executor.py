@@ -41,11 +41,27 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+_ONE_THREAD = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS")
+
+
+def one_thread() -> None:
+    """Keep this process to one thread of math libraries: a worker is one core's share, and
+    BLAS threads in every worker (langid's dot products) oversubscribe the machine, so that
+    two workers ran slower than one. threadpoolctl limits the libraries already loaded (the
+    process imported numpy before this runs); the variables cover those loaded later."""
+    from threadpoolctl import threadpool_limits
+
+    for var in _ONE_THREAD:
+        os.environ[var] = "1"
+    threadpool_limits(limits=1)
+    import pyarrow
+
+    pyarrow.set_cpu_count(1)
+
+
 def _worker_init() -> None:
     die_with_parent()
-    # the pool's processes share the machine: keep each one to one thread of math libraries
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):
-        os.environ.setdefault(var, "1")
+    one_thread()
 
 
 def _in_dir(cwd: str, fn: Callable[..., Any], item: Any) -> Any:
@@ -68,7 +84,7 @@ class Executor:
 
             if not ray.is_initialized():
                 ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False,
-                         runtime_env={"py_modules": [str(PACKAGE)], "env_vars": {"RAYON_NUM_THREADS": "1"}},
+                         runtime_env={"py_modules": [str(PACKAGE)], "env_vars": {v: "1" for v in _ONE_THREAD}},
                          num_cpus=None if self.address else self.workers)
         elif self.workers > 1:
             import multiprocessing
@@ -91,11 +107,14 @@ class Executor:
         try:
             if self.kind == "ray":
                 return self._map_ray(fn, items, bar)
-            if self._pool is None:
+            if self._pool is None:  # one worker: in this process, on one core as the pool's workers are
+                from threadpoolctl import threadpool_limits
+
                 out = []
-                for it in items:
-                    out.append(fn(it))
-                    bar.update(1)
+                with threadpool_limits(limits=1):
+                    for it in items:
+                        out.append(fn(it))
+                        bar.update(1)
                 return out
             futures = [self._pool.submit(fn, it) for it in items]
             out = []
