@@ -157,3 +157,32 @@ def test_self_similarity_and_win_rate_edges():
 def test_judge_parameters_round_trip_through_json():
     # the evaluate report and MLflow carry these as JSON: plain floats, nothing else
     assert json.loads(json.dumps({"f1": judge.overlap_f1("a", "a")})) == {"f1": 1.0}
+
+
+def test_train_loop_follows_the_schedule_and_records_each_step(tmp_path):
+    """The optimizer takes the scheduled learning rate at every step (Adam's first update moves
+    each parameter by exactly lr), the curve has one row per step with that lr, evaluations
+    land on their steps, and first_loss is the first step's."""
+    from tests.conftest import runtime
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 40, (2, 9))
+    cfg = train_cfg(1, lr=0.01, warmup_steps=4, weight_decay=0.0, grad_clip=1e9)
+    model = GPT(TINY)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model, hist = train.train_loop("t", model, cfg, runtime(), lambda s, m, r: x, lambda m, b: (m(b[:, :-1], b[:, 1:])[1], {}),
+                                   lambda b: b.numel(), tmp_path / "a", "fp")
+    moved = max(float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters() if p.dim() == 1)
+    assert moved == pytest.approx(train.lr_at(0, cfg), rel=1e-3) and train.lr_at(0, cfg) == pytest.approx(0.0025)
+
+    seen = []
+    cfg = train_cfg(4, lr=0.01, warmup_steps=2, eval_every=2)
+    model, hist = train.train_loop("t", GPT(TINY), cfg, runtime(), lambda s, m, r: x, lambda m, b: (m(b[:, :-1], b[:, 1:])[1], {}),
+                                   lambda b: b.numel(), tmp_path / "b", "fp", eval_fn=lambda m, step: seen.append(step) or {"acc": step / 10},
+                                   on_step=lambda s: seen.append(("step", s)))
+    assert [r["step"] for r in hist["curve"]] == [1, 2, 3, 4]
+    assert [r["lr"] for r in hist["curve"]] == pytest.approx([train.lr_at(s, cfg) for s in range(4)])
+    # eval_fn gets the index of the step just taken (0-based); the record counts steps from 1
+    assert [e["step"] for e in hist["evals"]] == [2, 4] and [e["acc"] for e in hist["evals"]] == pytest.approx([0.1, 0.3])
+    assert hist["first_loss"] == hist["curve"][0]["loss"]
+    assert [s for s in seen if isinstance(s, tuple)] == [("step", 1), ("step", 2), ("step", 3), ("step", 4)]
