@@ -278,3 +278,29 @@ def test_best_weights_by_a_held_out_metric_are_kept(tmp_path):
     assert hist["best"] == {"step": 2, "value": 0.80}
     assert all(torch.equal(model.state_dict()[k], snapshots[2][k]) for k in snapshots[2])
     assert not torch.equal(model.state_dict()["tok.weight"], snapshots[4]["tok.weight"])
+
+
+def test_ppo_scores_penalise_unfinished_responses_and_know_their_prompts():
+    """One PPO iteration: the scorer gets each response with its own prompt and that prompt's
+    index; a response that never reaches a stop token loses missing_eos_penalty, so the
+    iteration's reward_mean is 0.5 - 2.0 x (share unfinished)."""
+    from tasks.ppo import ppo_loop
+
+    torch.manual_seed(0)
+    policy, ref, value = GPT(TINY), GPT(TINY), ScalarModel(TINY)
+    ref.load_state_dict(policy.state_dict())
+    prompts = [[1, 2, 10 + i] for i in range(8)]
+    calls = []
+
+    def score_fn(batch_prompts, responses, idx):
+        calls.append((batch_prompts, idx))
+        return torch.full((len(responses),), 0.5)
+
+    cfg = conf("ppo", steps=1, batch_prompts=4, sampling={"max_new_tokens": 6, "temperature": 1.0, "top_p": 1.0}, ppo_epochs=1,
+               minibatches=1, missing_eos_penalty=2.0, kl={"beta": 0.0, "adaptive": False, "target": 2.0, "horizon": 1000})
+    stop = tuple(range(0, 40, 3))  # about a third of the vocabulary stops: some responses end, some do not
+    (row,) = ppo_loop(policy, ref, value, score_fn, prompts, cfg, pad_id=0, stop_ids=stop, seed=0, device=torch.device("cpu"))
+    (batch_prompts, idx), = calls
+    assert len(idx) == 4 and [prompts[i] for i in idx] == batch_prompts
+    assert 0 < row["finished_fraction"] < 1
+    assert row["reward_mean"] == pytest.approx(0.5 - 2.0 * (1 - row["finished_fraction"]), abs=1e-6)
