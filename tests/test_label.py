@@ -471,3 +471,11 @@ def test_rankings_made_in_the_app_train_the_reward_model(tmp_path):
     assert 0 <= rm["val_accuracy"] <= 1 and rm["val_pairs"] >= 1
     print(f"\nreward model on {prefs['usable_pairs']} usable pairs ranked in the app: val_accuracy {rm['val_accuracy']:.3f} "
           f"on {rm['val_pairs']} held-out pairs; people vs judge agreement {prefs['judge_agreement']:.3f}")
+
+
+def test_imports_want_a_json_list(tmp_path):
+    (tmp_path / "records.json").write_text('{"not": "a list"}')
+    with pytest.raises(interop.RankingError, match=r"expected a JSON list of tasks \(Label Studio"):
+        interop.import_label_studio(tmp_path / "records.json")
+    with pytest.raises(interop.RankingError, match=r"expected a JSON list of records \(Argilla"):
+        interop.import_argilla(tmp_path)

@@ -107,14 +107,24 @@ def _ls_order(value: Any, ids: list[str], where: str) -> tuple[list[str], list[s
     return ranked, flagged
 
 
-def import_label_studio(path: Path) -> list[dict]:
-    """Rankings from a Label Studio JSON export (a list of tasks with annotations)."""
+def _json_list(path: Path, what: str, missing: str | None = None) -> list:
+    """The JSON list in `path`, or a RankingError naming the file (`what`: what the list holds)."""
     try:
-        tasks = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if missing is None:
+            raise
+        raise RankingError(f"{path}: no such file ({missing})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise RankingError(f"{path}: not a JSON file ({err})") from None
-    if not isinstance(tasks, list):
-        raise RankingError(f"{path}: expected a JSON list of tasks (Label Studio's JSON export)")
+    if not isinstance(data, list):
+        raise RankingError(f"{path}: expected a JSON list of {what}")
+    return data
+
+
+def import_label_studio(path: Path) -> list[dict]:
+    """Rankings from a Label Studio JSON export (a list of tasks with annotations)."""
+    tasks = _json_list(path, "tasks (Label Studio's JSON export)")
     out = []
     for n, task in enumerate(tasks):
         where = f"{path}: task {n}"
@@ -205,14 +215,7 @@ def import_argilla(path: Path) -> list[dict]:
     """Rankings from an Argilla export: a `to_disk` folder or its records.json."""
     path = Path(path)
     file = path / "records.json" if path.is_dir() else path
-    try:
-        records = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RankingError(f"{file}: no such file (an Argilla to_disk folder holds records.json)") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RankingError(f"{file}: not a JSON file ({err})") from None
-    if not isinstance(records, list):
-        raise RankingError(f"{file}: expected a JSON list of records (Argilla's records.json)")
+    records = _json_list(file, "records (Argilla's records.json)", missing="an Argilla to_disk folder holds records.json")
     out = []
     for n, rec in enumerate(records):
         where = f"{file}: record {n}"
