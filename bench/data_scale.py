@@ -3,6 +3,8 @@
     python bench/data_scale.py --sizes 0.3 1.2 5 --workers 2          # GB of generated JSONL
     python bench/data_scale.py --sizes 0.3 --workers 1 2              # throughput vs workers
     python bench/data_scale.py --sizes 5 --work /big/tmp --generate-only   # then again without it: reused
+    python bench/data_scale.py --sizes 1.2 --work /big/tmp --keep          # keep each run's outputs, then
+    python bench/data_scale.py --sizes 1.2 --work /big/tmp --stages dedup tokenize   # rerun some stages on them
 
 The corpus is JSONL files of crawl-like documents built from real text (paragraphs of
 Python's documentation, recombined and lightly edited, so the vocabulary is real), with
@@ -98,17 +100,25 @@ def du(paths: list[Path]) -> int:
     return sum(f.stat().st_size for p in paths if p.exists() for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
 
 
-def run_stage(stage: str, work: Path, env: dict) -> tuple[float, int]:
+def run_stage(stage: str, work: Path, env: dict) -> tuple[float, int, int]:
+    """(seconds, peak RSS of the stage's process tree, the main process's RSS at that peak)."""
+    import psutil
+
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, "-m", f"tasks.{stage}", "--params", "params.yaml"], cwd=work, env=env,
                             stdout=subprocess.DEVNULL, stderr=open(work / f"{stage}.log", "w"))
-    peak = 0
+    peak = peak_main = 0
     while proc.poll() is None:
-        peak = max(peak, tree_rss(proc.pid))
+        total = tree_rss(proc.pid)
+        if total > peak:
+            try:
+                peak, peak_main = total, psutil.Process(proc.pid).memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
         time.sleep(0.2)
     if proc.returncode != 0:
         raise SystemExit(f"{stage} failed: see {work / f'{stage}.log'}\n" + (work / f"{stage}.log").read_text()[-2000:])
-    return time.time() - t0, peak
+    return time.time() - t0, peak, peak_main
 
 
 def params_for(corpus: Path, workers: int) -> dict:
@@ -130,6 +140,9 @@ def main() -> int:
     ap.add_argument("--work", default=None, help="work folder (default: a temporary one, removed at the end)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--generate-only", action="store_true", help="only generate the corpora (into --work, for a later run)")
+    ap.add_argument("--stages", nargs="+", choices=STAGES, default=STAGES,
+                    help="stages to run (the others' outputs must be in the run folder: see --keep)")
+    ap.add_argument("--keep", action="store_true", help="keep each run's outputs in --work (default: removed after the run)")
     args = ap.parse_args()
     base = Path(args.work or tempfile.mkdtemp(prefix="data-scale-"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}"}
@@ -149,25 +162,26 @@ def main() -> int:
                 continue
             for workers in args.workers:
                 work = base / f"run-{size}-{workers}"
-                work.mkdir()
+                work.mkdir(exist_ok=True)
                 (work / "params.yaml").write_text(yaml.safe_dump(params_for(corpus, workers), sort_keys=False))
                 print(f"-- executor: local, workers {workers or 'all cores'}")
-                print(f"{'stage':>10} | {'seconds':>8} | {'MB/s':>7} | {'docs/s':>8} | {'peak RSS MB':>11} | {'disk MB':>8}")
+                print(f"{'stage':>10} | {'seconds':>8} | {'MB/s':>7} | {'docs/s':>8} | {'peak RSS MB':>11} | {'main MB':>7} | {'disk MB':>8}")
                 peak_all, total_s = 0, 0.0
-                for stage in STAGES:
-                    seconds, peak = run_stage(stage, work, env)
+                for stage in [s for s in STAGES if s in args.stages]:
+                    seconds, peak, main_rss = run_stage(stage, work, env)
                     src = INPUT_OF[stage]
                     in_bytes = nbytes if src == "corpus" else du([work / src]) if src else 0
                     metrics = json.loads((work / "reports" / f"{stage}.json").read_text())
-                    in_docs = docs if stage == "collect" else metrics.get("docs_in") or metrics.get("train_docs") or 0
+                    in_docs = docs if stage == "collect" else metrics.get("docs_in") or metrics.get("train_docs") or metrics.get("splits", {}).get("train", {}).get("docs", 0)
                     disk = du([work / p for p in OUTPUT_OF[stage]])
-                    print(f"{stage:>10} | {seconds:8.1f} | {in_bytes / 1e6 / seconds:7.1f} | {in_docs / seconds:8.0f} | {peak / 1e6:11.0f} | {disk / 1e6:8.0f}")
+                    print(f"{stage:>10} | {seconds:8.1f} | {in_bytes / 1e6 / seconds:7.1f} | {in_docs / seconds:8.0f} | {peak / 1e6:11.0f} | {main_rss / 1e6:7.0f} | {disk / 1e6:8.0f}")
                     peak_all, total_s = max(peak_all, peak), total_s + seconds
                 disk_all = du([work / "data", work / "models"])
-                print(f"{'all':>10} | {total_s:8.1f} | {nbytes / 1e6 / total_s:7.1f} |          | {peak_all / 1e6:11.0f} | {disk_all / 1e6:8.0f}"
+                print(f"{'all':>10} | {total_s:8.1f} | {nbytes / 1e6 / total_s:7.1f} |          | {peak_all / 1e6:11.0f} |         | {disk_all / 1e6:8.0f}"
                       f"   (peak RSS {peak_all / 1e6 / (nbytes / 1e9):.0f} MB per GB of input; outputs {disk_all / nbytes:.1f}x the input)")
                 summary.append((size, workers, total_s, peak_all, disk_all, nbytes))
-                shutil.rmtree(work / "data")  # keep the next run's disk free
+                if not args.keep:
+                    shutil.rmtree(work / "data")  # keep the next run's disk free
             if not args.work:
                 shutil.rmtree(corpus)
         if args.generate_only:
@@ -175,6 +189,8 @@ def main() -> int:
         print("\n== summary")
         for size, workers, secs, peak, disk, nbytes in summary:
             print(f"{nbytes / 1e9:5.2f} GB, workers {workers or 'all'}: {secs:7.0f} s, peak RSS {peak / 1e9:.2f} GB, outputs {disk / 1e9:.2f} GB")
+        if set(args.stages) != set(STAGES):
+            return 0
         print("\n== dedup signatures against the datasketch loop, same documents (bench/dedup_speed.py)")
         subprocess.run([sys.executable, str(ROOT / "bench/dedup_speed.py"), "--docs", "20000"], check=True)
     finally:

@@ -5,7 +5,8 @@
 1. map       per shard, in parallel (tasks/lib/executor.py): normalise the text, hash it
              (exact key), MinHash the word shingles (tasks/lib/minhash.py, rensa), cut the
              signature into LSH bands; signatures and band keys go to disk
-2. shuffle   per band, the keys of all documents are sorted: equal keys form a bucket
+2. shuffle   band by band, that band's keys of all documents (read from the shards' key
+             files, 8 bytes per document) are sorted: equal keys form a bucket
 3. edges     each member of a bucket is linked to the bucket's first document (linear in the
              bucket's size, not quadratic), an edge kept only when their estimated Jaccard
              similarity reaches `threshold`; exact duplicates are linked to their group's first
@@ -18,7 +19,9 @@
 6. write     per shard, in parallel: the kept rows
 
 Memory stays bounded: texts are read one shard at a time; what the reduce holds is a few
-numbers per document (the signatures are memory-mapped from disk). Metrics: removed per
+numbers per document (about 100 bytes: exact key, word count, labels, one band's keys at a
+time); signatures stay in their shard files on disk and are read in blocks for the pairs
+being verified. Metrics: removed per
 source (exact / near), cluster sizes, candidate pairs and edges, documents released by the
 chaining guard, sample clusters (`reports/dedup/clusters.json`) and pairwise precision /
 recall against the ground truth of generated documents (`meta.duplicate_of`).
@@ -79,6 +82,8 @@ def sketch(texts: pa.Array, shingle: int, num_perm: int, bands: int, rows: int, 
 
 def sign_shard(task: SignTask) -> dict[str, Any]:
     """Signatures, band keys, exact keys and word counts of one shard, written to `work`."""
+    import xxhash
+
     table = read_shard_table(Path(task.path), ["id", "text", "meta"])
     sig, keys, exact2, nwords = sketch(table.column("text").combine_chunks(), task.shingle, task.num_perm, task.bands, task.rows, task.seed)
     work = Path(task.work)
@@ -86,12 +91,50 @@ def sign_shard(task: SignTask) -> dict[str, Any]:
     np.save(work / f"keys-{task.index:06d}.npy", keys)
     np.save(work / f"exact-{task.index:06d}.npy", exact2)
     np.save(work / f"nwords-{task.index:06d}.npy", nwords)
+    # ground truth of generated documents (`meta.duplicate_of`): a 64-bit hash of the
+    # original's id per row, so the reduce holds 8 bytes per document, not strings
     truth, has_truth = [], False
     for doc_id, meta in zip(table.column("id").to_pylist(), table.column("meta").to_pylist()):
         dup = json.loads(meta).get("duplicate_of") if meta and '"duplicate_of"' in meta else None
         has_truth = has_truth or dup is not None
-        truth.append(dup or doc_id)
-    return {"docs": len(nwords), "truth": truth, "has_truth": has_truth}
+        truth.append(xxhash.xxh3_64_intdigest(str(dup or doc_id).encode()))
+    np.save(work / f"truth-{task.index:06d}.npy", np.array(truth, dtype=np.uint64))
+    return {"docs": len(nwords), "has_truth": has_truth}
+
+
+class ShardedRows:
+    """The rows of per-shard .npy files as one (N, width) array, read on demand: `rows[idx]`
+    gathers rows by global index and `rows[:, j]` is one column. Each shard file is mapped
+    only while it is read, so memory holds what was asked for, not the files."""
+
+    def __init__(self, files: list[Path], counts: np.ndarray, width: int, dtype):
+        self.files, self.width, self.dtype = files, width, np.dtype(dtype)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.shape = (int(self.offsets[-1]), width)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):  # [:, j]: one column of every row
+            rows, col = key
+            if rows != slice(None):
+                raise IndexError("ShardedRows supports rows[idx] and rows[:, j]")
+            out = np.empty(self.shape[0], dtype=self.dtype)
+            for s, f in enumerate(self.files):
+                out[self.offsets[s] : self.offsets[s + 1]] = np.load(f, mmap_mode="r")[:, col]
+            return out
+        idx = np.asarray(key, dtype=np.int64)
+        out = np.empty((len(idx), self.width), dtype=self.dtype)
+        shard = np.searchsorted(self.offsets, idx, side="right") - 1
+        order = np.argsort(shard, kind="stable")
+        bounds = np.searchsorted(shard[order], np.arange(len(self.files) + 1))
+        for s in np.flatnonzero(np.diff(bounds)):
+            pos = order[bounds[s] : bounds[s + 1]]
+            m = np.load(self.files[s], mmap_mode="r")
+            out[pos] = m[idx[pos] - self.offsets[s]]
+            del m  # unmapped: the pages read do not stay in this process
+        return out
 
 
 @dataclass(frozen=True)
@@ -183,7 +226,8 @@ def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def find_clusters(sig: np.ndarray, keys: np.ndarray, exact: np.ndarray, threshold: float, verify: bool) -> tuple[np.ndarray, dict[str, int]]:
     """Cluster label per document (the smallest member index) from exact keys and LSH band
-    keys, and counts of what each step found. `sig` may be a memory map."""
+    keys, and counts of what each step found. `sig` and `keys` are arrays or ShardedRows
+    (only `sig[idx]`, `keys[:, band]` and `.shape` are used)."""
     from tasks.lib.minhash import jaccard
 
     n = len(exact)
@@ -197,7 +241,7 @@ def find_clusters(sig: np.ndarray, keys: np.ndarray, exact: np.ndarray, threshol
     edges_a, edges_b = [ea], [eb]
     candidates = verified = 0
     for band in range(keys.shape[1]):
-        fa, fb = bucket_edges(keys[reps, band])
+        fa, fb = bucket_edges(keys[:, band][reps])  # one band at a time: 8 bytes per document
         fa, fb = reps[fa], reps[fb]
         candidates += len(fa)
         if verify and len(fa):
@@ -215,23 +259,18 @@ def find_clusters(sig: np.ndarray, keys: np.ndarray, exact: np.ndarray, threshol
 def choose_keep(labels: np.ndarray, role_rank: np.ndarray, nwords: np.ndarray, exact: np.ndarray, prefix_of) -> np.ndarray:
     """The kept document of each multi-member cluster: {label: index}. `prefix_of(requests)`
     takes {index: length} and returns {index: exact key of its first `length` words}."""
-    order = np.lexsort((np.arange(len(labels)), role_rank, labels))  # by cluster, then role, then input order
+    multi = np.flatnonzero(np.bincount(labels, minlength=len(labels))[labels] > 1)  # singletons need no choice
+    order = multi[np.lexsort((multi, role_rank[multi], labels[multi]))]  # by cluster, then role, then input order
     keep: dict[int, int] = {}
     contenders: dict[int, list[int]] = defaultdict(list)
-    start = 0
-    while start < len(order):
-        label = labels[order[start]]
-        end = start
-        while end < len(order) and labels[order[end]] == label:
-            end += 1
-        members = order[start:end]
-        if len(members) > 1:
-            best = members[role_rank[members] == role_rank[members[0]]]
-            keep[int(label)] = int(best[0])
-            texts = {tuple(exact[i]) for i in best}
-            if len(texts) > 1:
-                contenders[int(label)] = [int(i) for i in best]
-        start = end
+    bounds = np.flatnonzero(np.diff(labels[order])) + 1
+    for members in np.split(order, bounds) if len(order) else []:
+        label = int(labels[members[0]])
+        best = members[role_rank[members] == role_rank[members[0]]]
+        keep[label] = int(best[0])
+        texts = {tuple(exact[i]) for i in best}
+        if len(texts) > 1:
+            contenders[label] = [int(i) for i in best]
     # the original is the shortest contender when another contender extends it (its prefix)
     requests: dict[int, int] = {}
     shortest: dict[int, int] = {}
@@ -251,13 +290,25 @@ def choose_keep(labels: np.ndarray, role_rank: np.ndarray, nwords: np.ndarray, e
 
 
 # ----------------------------------------------------------------------------- the stage
-def pairwise_scores(pred: list, truth: list) -> dict[str, float]:
-    """Pairwise precision/recall of a clustering against ground-truth clusters."""
-    def pairs(counter: Counter) -> int:
-        return sum(comb(n, 2) for n in counter.values())
+def pairwise_scores(pred, truth) -> dict[str, float]:
+    """Pairwise precision/recall of a clustering against ground-truth clusters (labels as
+    arrays: each document's predicted and true cluster)."""
+    pred, truth = np.asarray(pred), np.asarray(truth)
 
-    tp = pairs(Counter(zip(pred, truth)))
-    pred_pairs, true_pairs = pairs(Counter(pred)), pairs(Counter(truth))
+    def pairs(*columns: np.ndarray) -> int:  # same-cluster pairs, clusters = equal values in every column
+        if len(columns[0]) == 0:
+            return 0
+        order = np.lexsort(columns[::-1])
+        new = np.zeros(len(order), dtype=bool)
+        new[0] = True
+        for c in columns:
+            sc = c[order]
+            new[1:] |= sc[1:] != sc[:-1]
+        sizes = np.diff(np.append(np.flatnonzero(new), len(order))).astype(np.int64)
+        return int((sizes * (sizes - 1) // 2).sum())
+
+    tp = pairs(pred, truth)
+    pred_pairs, true_pairs = pairs(pred), pairs(truth)
     return {"precision": tp / max(pred_pairs, 1), "recall": tp / max(true_pairs, 1), "true_pairs": true_pairs, "predicted_pairs": pred_pairs}
 
 
@@ -278,18 +329,22 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
         counts = np.array([r["docs"] for r in signed], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(counts)])
         n = int(offsets[-1])
-        # 2. shuffle: gather the keys (a few numbers per document) and memory-map the signatures
-        keys = np.concatenate([np.load(work / f"keys-{i:06d}.npy") for i in range(len(shards))]) if shards else np.zeros((0, cfg.bands), np.uint64)
-        exact = np.concatenate([np.load(work / f"exact-{i:06d}.npy") for i in range(len(shards))]) if shards else np.zeros((0, 2), np.uint64)
-        nwords = np.concatenate([np.load(work / f"nwords-{i:06d}.npy") for i in range(len(shards))]) if shards else np.zeros(0, np.int64)
-        sig = np.lib.format.open_memmap(work / "sig.npy", mode="w+", dtype=np.uint32, shape=(n, cfg.num_perm))
-        for i in range(len(shards)):
-            sig[offsets[i] : offsets[i + 1]] = np.load(work / f"sig-{i:06d}.npy", mmap_mode="r")
-            (work / f"sig-{i:06d}.npy").unlink()
-        sig.flush()
-        source_of = np.repeat(np.arange(len(shards)), counts)
+        # 2. shuffle: what the reduce holds is a few numbers per document; signatures and band
+        # keys stay in the shards' files (ShardedRows reads the rows or the band asked for)
+        def files(kind: str) -> list[Path]:
+            return [work / f"{kind}-{i:06d}.npy" for i in range(len(shards))]
+
+        def gather(kind: str, empty: np.ndarray) -> np.ndarray:
+            return np.concatenate([np.load(f) for f in files(kind)]) if shards else empty
+
+        sig = ShardedRows(files("sig"), counts, cfg.num_perm, np.uint32)
+        keys = ShardedRows(files("keys"), counts, cfg.bands, np.uint64)
+        exact = gather("exact", np.zeros((0, 2), np.uint64))
+        nwords = gather("nwords", np.zeros(0, np.int64))
+        source_of = np.repeat(np.arange(len(shards), dtype=np.int32), counts)
         shard_source = [name for name, _ in shards]
-        role_rank = np.array([rank.get(roles[shard_source[s]], len(rank)) for s in source_of], dtype=np.int64)
+        shard_rank = np.array([rank.get(roles[name], len(rank)) for name in shard_source], dtype=np.int16)
+        role_rank = shard_rank[source_of] if n else np.zeros(0, np.int16)
         # 3-4. edges and clusters
         labels, found = find_clusters(sig, keys, exact, cfg.threshold, cfg.verify)
 
@@ -304,7 +359,11 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
             return {g: h for (s, _), hs in zip(jobs, results) for g, h in zip(by_shard[s], hs)}
 
         keep_of = choose_keep(labels, role_rank, nwords, exact, prefix_of)
-        keep_idx = np.array([keep_of.get(int(lab), i) for i, lab in enumerate(labels)], dtype=np.int64)
+        lookup = np.arange(n, dtype=np.int64)  # a singleton's label is its own index
+        if keep_of:
+            lookup[np.fromiter(keep_of.keys(), np.int64, len(keep_of))] = np.fromiter(keep_of.values(), np.int64, len(keep_of))
+        keep_idx = lookup[labels]
+        del lookup
         in_cluster = keep_idx != np.arange(n)
         same_text = (exact == exact[keep_idx]).all(1)
         weak = in_cluster & ~same_text
@@ -335,6 +394,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
         snippets = pool.map(write_shard, writes)
         import shutil
 
+        truth = gather("truth", np.zeros(0, np.uint64)) if any(r["has_truth"] for r in signed) else None
         shutil.rmtree(work)
         for name in sorted(set(shard_source)):
             (out / name).mkdir(parents=True, exist_ok=True)
@@ -374,8 +434,8 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
         "clusters_with_duplicates": int(len(multi)), "cluster_sizes": bins, "largest_cluster": int(size.max()) if n else 0,
         "released_by_chaining_guard": int(len(released)), **found,
     }
-    if any(r["has_truth"] for r in signed):
-        metrics["vs_ground_truth"] = pairwise_scores(final.tolist(), [t for r in signed for t in r["truth"]])
+    if truth is not None:
+        metrics["vs_ground_truth"] = pairwise_scores(final, truth)
     return metrics
 
 

@@ -117,6 +117,24 @@ def test_pairwise_scores_hand_made():
     s = dedup.pairwise_scores([0, 0, 0, 3], ["a", "a", "b", "b"])
     assert s["predicted_pairs"] == 3 and s["true_pairs"] == 2
     assert s["precision"] == 1 / 3 and s["recall"] == 1 / 2
+    # unordered labels (as the stage has them: kept index and a 64-bit hash of the true original)
+    s = dedup.pairwise_scores(np.array([5, 1, 5, 1, 5, 5]), np.array([9, 9, 8, 8, 9, 9], dtype=np.uint64))
+    assert (s["predicted_pairs"], s["true_pairs"]) == (7, 7)
+    assert s["precision"] == 3 / 7 and s["recall"] == 3 / 7  # true pairs: documents 0, 4, 5
+
+
+def test_sharded_rows_read_rows_and_columns_across_shard_files(tmp_path):
+    parts = [np.arange(8).reshape(2, 4), np.zeros((0, 4), dtype=np.int64), 100 + np.arange(12).reshape(3, 4)]
+    files = []
+    for i, p in enumerate(parts):
+        files.append(tmp_path / f"sig-{i}.npy")
+        np.save(files[-1], p)
+    whole = np.concatenate(parts)
+    rows = dedup.ShardedRows(files, np.array([len(p) for p in parts]), 4, np.int64)
+    assert rows.shape == (5, 4) and len(rows) == 5
+    idx = np.array([4, 0, 2, 4, 1])
+    assert (rows[idx] == whole[idx]).all()
+    assert (rows[:, 2] == whole[:, 2]).all()
 
 
 def test_bucket_edges_link_each_member_to_the_first():
