@@ -61,6 +61,21 @@ def test_tokenizer_round_trips_and_has_special_tokens(tmp_path):
         assert not set(enc) & set(ids) and tok.decode(enc) == f"a {special} b"
 
 
+def test_a_worker_loads_the_tokenizer_once_and_again_when_it_changes(tmp_path):
+    corpus = ["alpha beta gamma delta", "epsilon zeta eta theta"] * 20
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    train_bpe(iter(corpus), 300, 1).save(str(folder / "tokenizer.json"))
+    first = tokenize.worker_tokenizer(str(folder))
+    assert tokenize.worker_tokenizer(str(folder)) is first  # one instance per worker, not one per shard
+    replacement = tmp_path / "new.json"
+    train_bpe(iter(corpus[:2] * 5), 280, 1).save(str(replacement))
+    replacement.replace(folder / "tokenizer.json")  # a new tokenizer at the same path (a new file)
+    second = tokenize.worker_tokenizer(str(folder))
+    assert second is not first and second.get_vocab_size() != first.get_vocab_size()
+    assert second.encode_special_tokens  # loaded the project's way: special strings stay text
+
+
 def run_data_half(tiny_params):
     return {s.STAGE: run_stage(s, tiny_params) for s in (sources, collect, quality, dedup, mix, tokenizer, tokenize)}
 

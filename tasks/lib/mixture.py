@@ -31,11 +31,15 @@ def read_index(mix_dir: Path, dedup_dir: Path) -> dict[str, list[tuple[Path, np.
             t = pq.read_table(f, schema=INDEX_SCHEMA)
         except (OSError, pa.ArrowException) as err:
             raise StageError(f"{f}: not a readable mix index ({err})") from None
-        names, which = np.unique(np.array(t.column("shard").to_pylist(), dtype=object), return_inverse=True)
+        shard = t.column("shard").combine_chunks().dictionary_encode()  # 4 bytes per row, not a string
+        names = shard.dictionary.to_pylist()
+        which = shard.indices.to_numpy(zero_copy_only=False)
+        by_shard = np.argsort(which, kind="stable")
+        bounds = np.searchsorted(which[by_shard], np.arange(len(names) + 1))
         rows, counts, val = (t.column(c).to_numpy(zero_copy_only=False) for c in ("row", "train_count", "val"))
         entries = []
-        for k, name in enumerate(names):  # shard names sort in shard order
-            sel = which == k
+        for k in sorted(range(len(names)), key=names.__getitem__):  # shard names sort in shard order
+            name, sel = names[k], by_shard[bounds[k] : bounds[k + 1]]
             path = Path(dedup_dir) / name
             if not path.is_file():
                 raise StageError(f"{f}: refers to {path}, which does not exist (run dedup and mix again)")
