@@ -25,9 +25,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import yaml
@@ -38,7 +35,7 @@ from prefect.cache_policies import NONE
 from tasks.config import load_params
 from tasks.lib.errors import StageError
 from tasks.lib.process import die_with_parent
-from tasks.lib.tracking import PARENT_ENV, ensure_store, flatten, git_commit, process_tags, reconcile_stale_runs, tracking_uri
+from tasks.lib.tracking import PARENT_ENV, ensure_store, flatten, git_commit, process_tags, reconcile_stale_runs, tracking_uri, wait_healthy
 
 SERVICE_WAIT_S = 20.0  # how long a server that is down is waited for before giving up
 
@@ -56,19 +53,10 @@ def ensure_prefect_api(wait_s: float = SERVICE_WAIT_S) -> str | None:
     url = PREFECT_API_URL.value()
     if not url:
         return None
-    deadline, delay, err = time.time() + wait_s, 1.0, None
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=5) as r:
-                if r.status == 200:
-                    return url
-        except (urllib.error.URLError, OSError) as e:
-            err = e
-        if time.time() + delay > deadline:
-            raise ServiceUnavailable(f"Prefect API {url} does not answer ({err}); start it (make services) or unset PREFECT_API_URL")
-        print(f"warning: Prefect API {url} not answering ({err}); retrying in {delay:.0f} s", file=sys.stderr)
-        time.sleep(delay)
-        delay = min(delay * 2, 5.0)
+    err = wait_healthy(url, wait_s, "Prefect API", lambda m: print(f"warning: {m}", file=sys.stderr))
+    if err is not None:
+        raise ServiceUnavailable(f"Prefect API {url} does not answer ({err}); start it (make services) or unset PREFECT_API_URL")
+    return url
 
 
 def ensure_services(wait_s: float = SERVICE_WAIT_S) -> None:

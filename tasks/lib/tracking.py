@@ -100,6 +100,28 @@ def input_hashes(inputs: Mapping[str, Path], lock_path: str | Path = "dvc.lock")
     return {f"input.{name}": produced[str(Path(p))] for name, p in inputs.items() if str(Path(p)) in produced}
 
 
+def wait_healthy(url: str, wait_s: float, what: str, warn) -> Exception | None:
+    """Poll `url/health` until it answers 200, backing off from 1 s to 5 s for up to `wait_s`
+    seconds (`warn(message)` at each retry). None when it answered, else the last error."""
+    import urllib.error
+    import urllib.request
+
+    deadline, delay, err = time.time() + wait_s, 1.0, None
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=5) as r:
+                if r.status == 200:
+                    return None
+                err = RuntimeError(f"HTTP {r.status}")
+        except (urllib.error.URLError, OSError) as e:
+            err = e
+        if time.time() + delay > deadline:
+            return err
+        warn(f"{what} {url} not answering ({err}); retrying in {delay:.0f} s")
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
 def ensure_store(uri: str | None = None, wait_s: float = 20.0) -> str:
     """Make the tracking store usable before a run starts (see the module docstring)."""
     uri = uri or tracking_uri()
@@ -112,22 +134,9 @@ def ensure_store(uri: str | None = None, wait_s: float = 20.0) -> str:
 
             mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     elif uri.startswith(("http://", "https://")):
-        import urllib.error
-        import urllib.request
-
-        deadline, delay, err = time.time() + wait_s, 1.0, None
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as r:
-                    if r.status == 200:
-                        return uri
-            except (urllib.error.URLError, OSError) as e:
-                err = e
-            if time.time() + delay > deadline:
-                raise StageError(f"MLflow tracking server {uri} does not answer ({err}); start it (make services) or unset MLFLOW_TRACKING_URI")
-            log.warning("MLflow tracking server %s not answering (%s); retrying in %.0f s", uri, err, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+        err = wait_healthy(uri, wait_s, "MLflow tracking server", lambda m: log.warning("%s", m))
+        if err is not None:
+            raise StageError(f"MLflow tracking server {uri} does not answer ({err}); start it (make services) or unset MLFLOW_TRACKING_URI")
     return uri
 
 
