@@ -142,6 +142,9 @@ def main() -> int:
     ap.add_argument("--generate-only", action="store_true", help="only generate the corpora (into --work, for a later run)")
     ap.add_argument("--stages", nargs="+", choices=STAGES, default=STAGES,
                     help="stages to run (the others' outputs must be in the run folder: see --keep)")
+    ap.add_argument("--raw-as-filtered", action="store_true",
+                    help="skip quality: the later stages read collect's output as if filtered (their memory at a size "
+                         "where quality would take hours on a small machine)")
     ap.add_argument("--keep", action="store_true", help="keep each run's outputs in --work (default: removed after the run)")
     args = ap.parse_args()
     base = Path(args.work or tempfile.mkdtemp(prefix="data-scale-"))
@@ -167,7 +170,9 @@ def main() -> int:
                 print(f"-- executor: local, workers {workers or 'all cores'}")
                 print(f"{'stage':>10} | {'seconds':>8} | {'MB/s':>7} | {'docs/s':>8} | {'peak RSS MB':>11} | {'main MB':>7} | {'disk MB':>8}")
                 peak_all, total_s = 0, 0.0
-                for stage in [s for s in STAGES if s in args.stages]:
+                for stage in [s for s in STAGES if s in args.stages and not (args.raw_as_filtered and s == "quality")]:
+                    if stage == "dedup" and args.raw_as_filtered and not (work / "data/filtered").exists():
+                        (work / "data/filtered").symlink_to("raw")
                     seconds, peak, main_rss = run_stage(stage, work, env)
                     src = INPUT_OF[stage]
                     in_bytes = nbytes if src == "corpus" else du([work / src]) if src else 0
