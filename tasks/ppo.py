@@ -36,7 +36,7 @@ import torch
 
 from tasks.config import PPO, Params
 from tasks.lib.errors import StageError
-from tasks.lib.rl import (KLController, gae, kl_rewards, masked_mean, policy_loss, rewards_of, sequences, token_logprobs,
+from tasks.lib.rl import (KLController, explained_variance, gae, kl_rewards, masked_mean, policy_loss, rewards_of, sequences, token_logprobs,
                           value_loss, whiten)
 from tasks.lib.storage import atomic_dir, write_json
 
@@ -126,7 +126,7 @@ def ppo_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cf
                     with autocast:
                         ptx = policy(px.to(device), py.to(device))[1].float()
                     loss_pi = loss_pi + cfg.ptx_coef * ptx
-                    stats["ptx_loss"].append(float(ptx))
+                    stats["ptx_loss"].append(float(ptx.detach()))
                 v_loss = value_loss(v, old_values[sel], returns[sel], ms, cfg.value_clip)
                 total = loss_pi + cfg.vf_coef * v_loss
                 if not torch.isfinite(total):
@@ -150,13 +150,11 @@ def ppo_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cf
         # 6. control, metrics, checkpoint
         mean_kl = float((kl.sum(1)).mean())
         kl_ctl.update(mean_kl, B)
-        resid = masked_mean((returns - old_values) ** 2, m)
-        var_ret = masked_mean((returns - masked_mean(returns, m)) ** 2, m)
         row = {
             "iteration": it + 1,
             "reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if B > 1 else 0.0,
             "kl": mean_kl, "beta": kl_ctl.beta,
-            "explained_variance": float(1 - resid / var_ret.clamp(min=1e-8)),
+            "explained_variance": explained_variance(old_values, returns, m),
             "response_length": float(np.mean([len(r) for r in responses])),
             "finished_fraction": float(np.mean([bool(r) and r[-1] in stop_ids for r in responses])),
             **{k: float(np.mean(v)) for k, v in stats.items() if v},

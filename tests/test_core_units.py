@@ -111,14 +111,39 @@ def test_prompt_splits_by_hand():
 
 
 def test_sample_and_coverage_by_hand():
-    exs = [{"id": f"python_qa/{m}.f{i}"} for m in ("json", "os", "zlib") for i in range(3)] + [{"id": "python_qa/topic/with"}]
+    exs = [{"id": f"python_qa/{m}.f{i}"} for m in ("json", "os", "zlib") for i in range(3)] + [{"id": "python_qa/topic/async"}]
     from tasks.lib.hashing import unit_interval
 
     picked = instructions.sample(exs, 4, seed=3, salt="s")
     assert picked == sorted(exs, key=lambda e: unit_interval(e["id"], "s:3:"))[:4]
     assert instructions.sample(exs, 100, 3, "s") == sorted(exs, key=lambda e: unit_interval(e["id"], "s:3:"))
-    assert instructions.coverage(exs) == {"examples": 10, "groups": 4, "first_group": "json", "last_group": "zlib"}
+    # a topic's group is the id's last part ("async"), not "topic/async"
+    assert instructions.coverage(exs) == {"examples": 10, "groups": 4, "first_group": "async", "last_group": "zlib"}
     assert instructions.coverage([]) == {"examples": 0, "groups": 0, "first_group": None, "last_group": None}
+
+
+def test_instruction_files_found_in_subfolders_and_read_from_jsonl_and_parquet(tmp_path):
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "a/b/c").mkdir(parents=True)
+    one = {"id": "j1", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    (tmp_path / "a/b/c/deep.jsonl").write_text(json.dumps(one) + "\n\n", encoding="utf-8")
+    pq.write_table(pa.Table.from_pylist([{**one, "id": "p1"}]), tmp_path / "a/top.parquet")
+    src = SimpleNamespace(kind="files", name="mine", globs=[str(tmp_path / "a/**/*.jsonl"), str(tmp_path / "a/*.parquet")])
+    assert [r["id"] for r in instructions._records(src)] == ["j1", "p1"]  # sorted by path: a/b/c/deep.jsonl (two levels under **) < a/top.parquet
+
+
+def test_python_qa_records_are_user_question_then_assistant_answer():
+    recs = list(instructions.python_qa(None, 0))
+    topics = [r for r in recs if r["id"].startswith("python_qa/topic/")]
+    assert topics and len(topics) < len(recs)
+    for r in recs:
+        assert [m["role"] for m in r["messages"]] == ["user", "assistant"] and all(m["content"] for m in r["messages"]), r
+    name = topics[0]["id"].rsplit("/", 1)[1]
+    assert topics[0]["messages"][0]["content"] == f"Explain {name} in Python."
 
 
 def test_sft_batch_by_hand():
@@ -176,13 +201,14 @@ def test_train_loop_follows_the_schedule_and_records_each_step(tmp_path):
     assert moved == pytest.approx(train.lr_at(0, cfg), rel=1e-3) and train.lr_at(0, cfg) == pytest.approx(0.0025)
 
     seen = []
-    cfg = train_cfg(4, lr=0.01, warmup_steps=2, eval_every=2)
+    cfg = train_cfg(7, lr=0.01, warmup_steps=2, eval_every=3)
     model, hist = train.train_loop("t", GPT(TINY), cfg, runtime(), lambda s, m, r: x, lambda m, b: (m(b[:, :-1], b[:, 1:])[1], {}),
                                    lambda b: b.numel(), tmp_path / "b", "fp", eval_fn=lambda m, step: seen.append(step) or {"acc": step / 10},
                                    on_step=lambda s: seen.append(("step", s)))
-    assert [r["step"] for r in hist["curve"]] == [1, 2, 3, 4]
-    assert [r["lr"] for r in hist["curve"]] == pytest.approx([train.lr_at(s, cfg) for s in range(4)])
-    # eval_fn gets the index of the step just taken (0-based); the record counts steps from 1
-    assert [e["step"] for e in hist["evals"]] == [2, 4] and [e["acc"] for e in hist["evals"]] == pytest.approx([0.1, 0.3])
+    assert [r["step"] for r in hist["curve"]] == [1, 2, 3, 4, 5, 6, 7]
+    assert [r["lr"] for r in hist["curve"]] == pytest.approx([train.lr_at(s, cfg) for s in range(7)])
+    # every eval_every steps and after the last; eval_fn gets the index of the step just taken
+    # (0-based), the record counts steps from 1
+    assert [e["step"] for e in hist["evals"]] == [3, 6, 7] and [e["acc"] for e in hist["evals"]] == pytest.approx([0.2, 0.5, 0.6])
     assert hist["first_loss"] == hist["curve"][0]["loss"]
-    assert [s for s in seen if isinstance(s, tuple)] == [("step", 1), ("step", 2), ("step", 3), ("step", 4)]
+    assert [s for s in seen if isinstance(s, tuple)] == [("step", k) for k in range(1, 8)]

@@ -282,3 +282,12 @@ def test_clipping_below_by_hand():
     # a value that fell far below its old estimate: the clipped value (-0.2) is further from the return
     vl = rl.value_loss(torch.tensor([[-1.0]]), torch.zeros(1, 1), torch.tensor([[-2.0]]), torch.ones(1, 1), clip=0.2)
     assert vl.item() == pytest.approx(0.5 * 1.8**2)
+
+
+def test_explained_variance_by_hand():
+    returns, m = torch.tensor([[1.0, 3.0, 50.0]]), torch.tensor([[1.0, 1.0, 0.0]])  # the third is padding
+    # Var(returns) over [1, 3] = 1; mean squared residual of values [2, 2] = 1: explains nothing
+    assert rl.explained_variance(torch.tensor([[2.0, 2.0, 0.0]]), returns, m) == pytest.approx(0.0)
+    assert rl.explained_variance(torch.tensor([[1.0, 3.0, 0.0]]), returns, m) == pytest.approx(1.0)
+    # residuals [0.5, -0.5]: 1 - 0.25 / 1
+    assert rl.explained_variance(torch.tensor([[0.5, 3.5, 9.0]]), returns, m) == pytest.approx(0.75)

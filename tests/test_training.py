@@ -159,6 +159,64 @@ def test_ppo_raises_a_planted_reward_with_bounded_kl(device):
         assert key in hist[-1]
 
 
+def _tiny_ppo(steps=4, perturb=False, **kw):
+    torch.manual_seed(0)
+    policy = GPT(TINY)
+    ref = GPT(TINY)
+    ref.load_state_dict(policy.state_dict())
+    value = ScalarModel(TINY)
+    if perturb:  # other starting weights (the frozen reference stays as it was)
+        with torch.no_grad():
+            for p in [*policy.parameters(), *value.parameters()]:
+                p.add_(0.1)
+
+    def score_fn(prompts, responses, idx):  # reward for emitting token 7
+        return torch.tensor([sum(t == 7 for t in r) / max(len(r), 1) for r in responses], dtype=torch.float)
+
+    prompts = [[1, 2, 3 + i % 5] for i in range(8)]
+    cfg = conf("ppo", steps=steps, batch_prompts=4, sampling={"max_new_tokens": 4, "temperature": 1.0, "top_p": 1.0}, ppo_epochs=1,
+               minibatches=2, lr=3e-3, value_lr=3e-3, **kw)
+    return policy, value, lambda **k: __import__("tasks.ppo", fromlist=["ppo_loop"]).ppo_loop(
+        policy, ref, value, score_fn, prompts, cfg, pad_id=0, stop_ids=(), seed=0, device=torch.device("cpu"), **k)
+
+
+def test_a_killed_ppo_run_resumes_from_its_last_checkpoint(tmp_path):
+    policy, _, run = _tiny_ppo(steps=5, ckpt_every=2)
+    straight = run()
+
+    def kill_at_4th(it, row, responses, idx):
+        if it == 3:
+            raise KeyboardInterrupt("killed")
+
+    policy_b, _, run_b = _tiny_ppo(steps=5, ckpt_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_b(resume_dir=tmp_path, fingerprint="fp", on_iter=kill_at_4th)
+    assert json.loads((tmp_path / "state.json").read_text())["step"] == 2  # checkpoints after iterations 2 and 4 only
+    policy_c, _, run_c = _tiny_ppo(steps=5, ckpt_every=2, perturb=True)  # the checkpoint's weights must win
+    seen = []
+    resumed = run_c(resume_dir=tmp_path, fingerprint="fp", on_iter=lambda it, *a: seen.append(it))
+    assert seen == [2, 3, 4]  # continued where the checkpoint was, not from 0
+    assert [h["iteration"] for h in resumed] == [1, 2, 3, 4, 5] and resumed[0] == straight[0]
+    assert json.loads((tmp_path / "state.json").read_text())["step"] == 5  # the last iteration is saved
+    for (n, a), b in zip(policy.state_dict().items(), policy_c.state_dict().values()):
+        assert torch.equal(a, b), n
+    # another run's checkpoint (other fingerprint) is not resumed
+    _, _, run_d = _tiny_ppo(steps=5, ckpt_every=2)
+    seen.clear()
+    run_d(resume_dir=tmp_path, fingerprint="other", on_iter=lambda it, *a: seen.append(it))
+    assert seen == [0, 1, 2, 3, 4]
+
+
+def test_ppo_ptx_lowers_the_pretraining_loss_and_the_adaptive_beta_moves():
+    fixed = (torch.tensor([[1, 2, 3, 4, 5, 6]]), torch.tensor([[2, 3, 4, 5, 6, 7]]))
+    _, _, run = _tiny_ppo(steps=6, ptx_coef=5.0, kl={"beta": 0.05, "adaptive": True, "target": 100.0, "horizon": 10})
+    hist = run(ptx_fn=lambda k: fixed)
+    assert hist[-1]["ptx_loss"] < hist[0]["ptx_loss"] - 0.1  # the PPO-ptx term is minimised, not maximised
+    # KL far under the target: the error is clipped at -20%, so each iteration of 4 samples
+    # multiplies β by 1 - 0.2 * 4 / 10 = 0.92
+    assert [h["beta"] for h in hist] == pytest.approx([0.05 * 0.92 ** (k + 1) for k in range(6)])
+
+
 def test_gae_matches_hand_computation():
     from tasks.lib.rl import gae
 
@@ -196,6 +254,8 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert json.loads((tmp_path / "b/state.json").read_text())["step"] == 3
     resumed, hist_b = _pretrain_like(tmp_path / "b", 8)
     assert hist_b["resumed_from"] == 3 and hist["resumed_from"] == 0
+    assert [r["step"] for r in hist_b["curve"]] == list(range(1, 9))  # the curve before the kill is kept
+    assert [r["loss"] for r in hist_b["curve"]] == [r["loss"] for r in hist["curve"]]
     for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), n
 

@@ -103,6 +103,14 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, m
     return masked_mean(pg, mask), ratio
 
 
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - mean((returns - values)^2) / Var(returns) over the masked positions: 1 when the
+    value function predicts the returns, 0 when it does no better than their mean."""
+    resid = masked_mean((returns - values) ** 2, mask)
+    var = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    return float(1 - resid / var.clamp(min=1e-8))
+
+
 def value_loss(v: torch.Tensor, old_v: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float) -> torch.Tensor:
     """0.5 * mean of max((V - R)^2, (V_clipped - R)^2), V_clipped within `clip` of the old value."""
     v_clipped = old_v + (v - old_v).clamp(-clip, clip)
