@@ -84,10 +84,14 @@ def test_promotion_branches_of_the_stage_code(registered):
     assert registry.alias_version(name, "champion") is None
     first = run(v1, 0.50)  # no champion yet: the first candidate becomes champion
     assert first["decision"] == "champion" and registry.alias_version(name, "champion") == v1 and seen == []
-    assert "gold judge" in first["judged_by"]
+    assert {k: v for k, v in first.items() if k != "reason"} == {
+        "model": name, "metric": pr.metric, "judged_by": "the gold judge, independent of the reward model PPO optimised",
+        "candidate_version": v1, "candidate_value": 0.50, "champion_version": None, "champion_value": None, "decision": "champion"}
+    assert first["reason"]
     assert run(v1, 0.99)["decision"] == "unchanged" and seen == []  # the champion is not measured against itself
-    better = run(v2, 0.62, champion_value=0.50)  # a planted better candidate takes the alias
+    better = run(v2, 0.6234567, champion_value=0.50)  # a planted better candidate takes the alias
     assert better["decision"] == "champion" and registry.alias_version(name, "champion") == v2 and seen == [v1]
+    assert (better["champion_version"], better["champion_value"], better["candidate_value"]) == (v1, 0.50, 0.6234567)
     tie = run(v3, 0.62, champion_value=0.62)  # a tie does not promote
     assert tie["decision"] == "challenger" and registry.alias_version(name, "champion") == v2
     assert registry.alias_version(name, "challenger") == v3 and seen == [v1, v2]
@@ -95,9 +99,13 @@ def test_promotion_branches_of_the_stage_code(registered):
     assert worse["decision"] == "challenger" and registry.alias_version(name, "champion") == v2
     assert run(None, 0.9)["decision"] == "none"  # an unregistered checkpoint is never promoted
     tags = mlflow_client().get_model_version(name, v2).tags
-    assert tags[f"eval.{pr.metric}"] == "0.62"
+    assert tags[f"eval.{pr.metric}"] == "0.623457"  # rounded to 6 places
+    missing = evaluate.promote(pr, {name: v3}, {"models": {name: {}}}, champion_scores(0.1))
+    assert missing["decision"] == "none" and missing["reason"] == f"metric {pr.metric} is not measured for {name}"
+    assert registry.alias_version(name, "champion") == v2
     rm = SimpleNamespace(model=name, metric="win_rate_vs_sft_rm", min_margin=0.0)
-    assert "can be exploited" in evaluate.promote(rm, {name: v2}, {"models": {name: {rm.metric: 0.7}}}, champion_scores(0.1))["judged_by"]
+    assert evaluate.promote(rm, {name: v2}, {"models": {name: {rm.metric: 0.7}}}, champion_scores(0.1))["judged_by"] == (
+        "the reward model that PPO optimised (it can be exploited: compare the gold judge's win rate)")
 
 
 def mlflow_client():
@@ -171,9 +179,10 @@ def evaluator_parts():
 
 def test_evaluator_prompts_and_summary_by_hand(evaluator_parts):
     params, t, scorer, examples, _ = evaluator_parts
-    ev = evaluate.Evaluator(params, t, scorer, examples, [examples[1]], contextlib.nullcontext())
+    ev = evaluate.Evaluator(params, t, scorer, examples, [examples[1], examples[0]], contextlib.nullcontext())
     assert ev.prompt_ids("Q1", chat=True) == t.prompt("Q1")
-    assert ev.prompt_ids("Q1", chat=False) == [t.eot, *t.text_ids("Q: Open what?\nA: Open a file.\n\n")] + t.text_ids("Q: Q1\nA:")
+    shots = "Q: Open what?\nA: Open a file.\n\nQ: What does len do?\nA: Return the number of items.\n\n"
+    assert ev.prompt_ids("Q1", chat=False) == [t.eot, *t.text_ids(shots)] + t.text_ids("Q: Q1\nA:")
     out = {"rm": [1.0, 3.0, -1.0, 0.0], "gold": [0.5, 0.1, 0.2, 0.2], "comp_ids": [[1, 2], [1, 2, 3], [4], [4, 5]],
            "texts": ["a b", "a b", "c", "d"], "finished": [True, False, True, True], "entropy": 2.5}
     ref = {"rm": [0.0, 9.0, -1.0, 9.0], "gold": [0.6, 0.0, 0.1, 0.0]}
@@ -302,6 +311,8 @@ def test_evaluator_run_batches_cuts_long_prompts_and_scores_unfinished_answers(e
     from tasks.lib.model import GPT
 
     params, t, scorer, examples, cfg = evaluator_parts
+    # judge settings other than gold_score's defaults, so passing them on is checked
+    params = params.model_copy(update={"judge": params.judge.model_copy(update={"repetition_penalty": 0.9, "unfinished_penalty": 0.7})})
     long_q = " ".join(["What does len do?"] * 30)  # far more tokens than the 64-token context
     examples = [examples[0], {"id": "long", "messages": [{"role": "user", "content": long_q}, {"role": "assistant", "content": "Open a file."}]}]
     model = GPT(cfg).eval()
