@@ -197,7 +197,7 @@ def main() -> int:
         if set(args.stages) != set(STAGES):
             return 0
         print("\n== dedup signatures against the datasketch loop, same documents (bench/dedup_speed.py)")
-        subprocess.run([sys.executable, str(ROOT / "bench/dedup_speed.py"), "--docs", "20000"], check=True)
+        subprocess.run([sys.executable, str(ROOT / "bench/dedup_speed.py"), "--docs", "100000"], check=True)
     finally:
         if not args.work:
             shutil.rmtree(base, ignore_errors=True)

@@ -1,7 +1,7 @@
 """Dedup speed: this project's MinHash LSH (rensa signatures, band keys sorted with numpy,
 linear bucket edges) against the plain datasketch loop, on the same documents.
 
-    python bench/dedup_speed.py --docs 20000
+    python bench/dedup_speed.py --docs 100000
 
 The documents are real text (Python's documentation paragraphs, recombined into documents of
 about 200 words) with 20% near-duplicate copies. The baseline is the usual datasketch
@@ -80,7 +80,7 @@ def ours(docs: list[str], bands: int, rows: int, threshold: float, workers: int 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--docs", type=int, default=20000)
+    ap.add_argument("--docs", type=int, default=100000)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     docs = make_documents(args.docs, args.seed)
