@@ -3,6 +3,9 @@ linear bucket edges) against the plain datasketch loop, on the same documents.
 
     python bench/dedup_speed.py --docs 100000
 
+Both read the documents from memory or disk as they would in use: the baseline from a list,
+this project's map from Parquet shards written beforehand (as the stage reads its input),
+each worker writing its signatures and band keys to disk for the reduce.
 The documents are real text (Python's documentation paragraphs, recombined into documents of
 about 200 words) with 20% near-duplicate copies. The baseline is the usual datasketch
 recipe: for each document `MinHash.update_batch` over its word 3-shingles, `MinHashLSH.insert`,
@@ -15,12 +18,13 @@ from __future__ import annotations
 import argparse
 import random
 import re
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -61,19 +65,23 @@ def datasketch_loop(docs: list[str], threshold: float) -> int:
     return sum(1 for i, m in enumerate(sigs) for j in lsh.query(m) if j > i)
 
 
-def sketch_shard(docs: list[str]) -> tuple:
-    return dedup.sketch(pa.array(docs), 3, 128, 20, 6, 1)
-
-
-def ours(docs: list[str], bands: int, rows: int, threshold: float, workers: int = 1) -> int:
-    """Signatures shard by shard (5,000 documents) on `workers` processes, then the reduce."""
+def ours(docs: list[str], bands: int, rows: int, threshold: float, workers: int, shards_dir: Path) -> int:
+    """The stage's own map and reduce: `sign_shard` on each Parquet shard of 5,000 documents
+    (written beforehand, as the stage finds its input on disk) on `workers` processes, then
+    the reduce (`find_clusters`) over the signatures and band keys the map wrote."""
     from tasks.lib.executor import Executor
+    from tasks.lib.storage import shard_files
 
-    shards = [docs[i : i + 5000] for i in range(0, len(docs), 5000)]
-    with Executor("local", workers, desc="sketch") as ex:
-        parts = ex.map(sketch_shard, shards)
-    sig, keys, exact = (np.concatenate([p[i] for p in parts]) for i in range(3))
-    labels, _ = dedup.find_clusters(sig, keys, exact, threshold, verify=True)
+    files = shard_files(shards_dir)
+    work = Path(tempfile.mkdtemp(prefix="sign-", dir=shards_dir.parent))
+    try:
+        with Executor("local", workers, desc="sketch") as ex:
+            ex.map(dedup.sign_shard, [dedup.SignTask(i, str(f), str(work), 3, 128, bands, rows, 1) for i, f in enumerate(files)])
+        sig, keys, exact = (np.concatenate([np.load(work / f"{kind}-{i:06d}.npy") for i in range(len(files))])
+                            for kind in ("sig", "keys", "exact"))
+        labels, _ = dedup.find_clusters(sig, keys, exact, threshold, verify=True)
+    finally:
+        shutil.rmtree(work)
     sizes = np.bincount(labels)
     return int((sizes * (sizes - 1) // 2).sum())
 
@@ -86,20 +94,27 @@ def main() -> int:
     docs = make_documents(args.docs, args.seed)
     mb = sum(len(d.encode()) for d in docs) / 1e6
     print(f"{len(docs)} documents, {mb:.1f} MB")
-    ours(docs[:500], 20, 6, 0.5)  # warm-up: imports and compiled regexes are paid once per process
-    datasketch_loop(docs[:200], 0.5)
-    t0 = time.perf_counter()
-    pairs_base = datasketch_loop(docs, 0.5)
-    t_base = time.perf_counter() - t0
-    print(f"datasketch loop (baseline):      {t_base:7.1f} s  {len(docs) / t_base:9.0f} docs/s  {pairs_base} candidate pairs")
     from tasks.lib.executor import cores
+    from tasks.lib.storage import doc_row, write_docs
 
-    for workers in sorted({1, cores()}):
+    tmp = Path(tempfile.mkdtemp(prefix="dedup-speed-"))
+    try:
+        write_docs(tmp / "warm", (doc_row(f"w{i}", "bench", d) for i, d in enumerate(docs[:500])))
+        write_docs(tmp / "docs", (doc_row(f"d{i}", "bench", d) for i, d in enumerate(docs)))  # 5,000 per shard
+        ours(docs[:500], 20, 6, 0.5, 1, tmp / "warm")  # warm-up: imports are paid once per process
+        datasketch_loop(docs[:200], 0.5)
         t0 = time.perf_counter()
-        pairs_ours = ours(docs, 20, 6, 0.5, workers)
-        t_ours = time.perf_counter() - t0
-        print(f"this project, {workers} process(es):    {t_ours:7.1f} s  {len(docs) / t_ours:9.0f} docs/s  {pairs_ours} pairs in clusters"
-              f"  x{t_base / t_ours:.1f} the baseline")
+        pairs_base = datasketch_loop(docs, 0.5)
+        t_base = time.perf_counter() - t0
+        print(f"datasketch loop (baseline):      {t_base:7.1f} s  {len(docs) / t_base:9.0f} docs/s  {pairs_base} candidate pairs")
+        for workers in sorted({1, cores()}):
+            t0 = time.perf_counter()
+            pairs_ours = ours(docs, 20, 6, 0.5, workers, tmp / "docs")
+            t_ours = time.perf_counter() - t0
+            print(f"this project, {workers} process(es):    {t_ours:7.1f} s  {len(docs) / t_ours:9.0f} docs/s  {pairs_ours} pairs in clusters"
+                  f"  x{t_base / t_ours:.1f} the baseline")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
