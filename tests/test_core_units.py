@@ -77,6 +77,28 @@ def test_a_diverging_loop_stops_before_the_optimizer_step(tmp_path):
     assert not (tmp_path / "ck").exists()
 
 
+def test_a_gradient_that_is_not_finite_stops_the_loop_even_when_the_loss_is(tmp_path):
+    from tests.conftest import runtime
+
+    def loss_fn(m, b):  # sqrt(|w - w|): the loss is 0, its gradient is not finite
+        w = m.blocks[0].fc.weight
+        return torch.sqrt((w - w.detach()).abs()).sum(), {}
+
+    x = torch.randint(0, 40, (2, 9))
+    with pytest.raises(train.DivergenceError, match="at step 1"):
+        train.train_loop("t", GPT(TINY), train_cfg(3), runtime(), lambda s, m, r: x, loss_fn, lambda b: b.numel(), tmp_path / "ck", "fp")
+
+
+def test_instruction_splits_repeat_with_the_seed():
+    from tests.conftest import cfg as section
+
+    c = section("instructions", sources=[{"name": "python_qa", "kind": "builtin", "corpus": "python_qa", "limit": 60}])
+    a, b, other = instructions.splits(c, 0), instructions.splits(c, 0), instructions.splits(c, 1)
+    assert a == b and sum(map(len, a.values())) == 60
+    questions = lambda s: [ex["messages"][0]["content"] for part in s.values() for ex in part]  # noqa: E731
+    assert questions(a) != questions(other)  # the seed picks the question wording
+
+
 def test_metrics_of_a_resumed_run_are_replayed_into_its_mlflow_run():
     import mlflow
 

@@ -338,3 +338,12 @@ def test_evaluator_run_batches_cuts_long_prompts_and_scores_unfinished_answers(e
 
     want = rewards_of(scorer, [t.scored(full, t.text_ids("Open a"), cfg.max_seq_len)], t.pad).item()
     assert out["rm"][2] == pytest.approx(want, abs=1e-5)
+
+
+def test_select_prompts_keeps_a_prompt_exactly_at_the_limit(evaluator_parts):
+    _, t, _, examples, _ = evaluator_parts
+    n = len(t.prompt(examples[0]["messages"][0]["content"]))
+    assert n != len(t.prompt(examples[1]["messages"][0]["content"]))
+    at_limit = evaluate.select_prompts(examples, t, n, 10, seed=0)
+    assert examples[0] in at_limit
+    assert examples[0] not in evaluate.select_prompts(examples, t, n - 1, 10, seed=0)
