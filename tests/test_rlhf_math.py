@@ -285,9 +285,11 @@ def test_clipping_below_by_hand():
 
 
 def test_explained_variance_by_hand():
-    returns, m = torch.tensor([[1.0, 3.0, 50.0]]), torch.tensor([[1.0, 1.0, 0.0]])  # the third is padding
-    # Var(returns) over [1, 3] = 1; mean squared residual of values [2, 2] = 1: explains nothing
-    assert rl.explained_variance(torch.tensor([[2.0, 2.0, 0.0]]), returns, m) == pytest.approx(0.0)
-    assert rl.explained_variance(torch.tensor([[1.0, 3.0, 0.0]]), returns, m) == pytest.approx(1.0)
-    # residuals [0.5, -0.5]: 1 - 0.25 / 1
-    assert rl.explained_variance(torch.tensor([[0.5, 3.5, 9.0]]), returns, m) == pytest.approx(0.75)
+    returns, m = torch.tensor([[1.0, 5.0, 50.0]]), torch.tensor([[1.0, 1.0, 0.0]])  # the third is padding
+    # Var(returns) over [1, 5] = 4; values [3, 3] leave a mean squared residual of 4: explain nothing
+    assert rl.explained_variance(torch.tensor([[3.0, 3.0, 0.0]]), returns, m) == pytest.approx(0.0)
+    assert rl.explained_variance(torch.tensor([[1.0, 5.0, 0.0]]), returns, m) == pytest.approx(1.0)
+    # residuals [1, 1]: 1 - 1 / 4
+    assert rl.explained_variance(torch.tensor([[2.0, 6.0, 9.0]]), returns, m) == pytest.approx(0.75)
+    # a small variance is not clamped away: returns [1, 2] (Var 0.25), values [1.5, 1.5]
+    assert rl.explained_variance(torch.tensor([[1.5, 1.5, 0.0]]), torch.tensor([[1.0, 2.0, 0.0]]), m) == pytest.approx(0.0)
