@@ -64,7 +64,7 @@ test-fast: setup
 # tests ([tool.mutmut] in pyproject.toml); the score is printed at the end and the target
 # fails below MUTATION_FLOOR. The whole set (about 3,150 mutants) takes hours on 2 cores;
 # `mutmut run 'tasks.lib.rl*'` checks one module's, `mutmut results` lists what survived.
-MUTATION_FLOOR ?= 0.7   # measured 75% on a random sample; the goal is 0.9 (README, Tests)
+MUTATION_FLOOR ?= 0.8   # a random sample: 88.8% killed, 99.7% killed or explained (README, Tests)
 mutants: setup
 	rm -rf mutants
 	mutmut run
