@@ -33,7 +33,6 @@ import json
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from math import comb
 from pathlib import Path
 from typing import Any
 
