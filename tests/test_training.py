@@ -176,8 +176,10 @@ def _tiny_ppo(steps=4, perturb=False, **kw):
     prompts = [[1, 2, 3 + i % 5] for i in range(8)]
     cfg = conf("ppo", steps=steps, batch_prompts=4, sampling={"max_new_tokens": 4, "temperature": 1.0, "top_p": 1.0}, ppo_epochs=1,
                minibatches=2, lr=3e-3, value_lr=3e-3, **kw)
-    return policy, value, lambda **k: __import__("tasks.ppo", fromlist=["ppo_loop"]).ppo_loop(
-        policy, ref, value, score_fn, prompts, cfg, pad_id=0, stop_ids=(), seed=0, device=torch.device("cpu"), **k)
+    from tasks.ppo import ppo_loop
+
+    return policy, value, lambda **k: ppo_loop(policy, ref, value, score_fn, prompts, cfg, pad_id=0, stop_ids=(), seed=0,
+                                               device=torch.device("cpu"), **k)
 
 
 def test_a_killed_ppo_run_resumes_from_its_last_checkpoint(tmp_path):
