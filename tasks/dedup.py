@@ -3,7 +3,7 @@
     python -m tasks.dedup              # what `dvc repro dedup` runs
 
 1. map       per shard, in parallel (tasks/lib/executor.py): normalise the text, hash it
-             (exact key), MinHash the word shingles (tasks/lib/minhash.py, rensa), cut the
+             (exact key), MinHash the word shingles (tasks/lib/minhash.py, compiled with numba), cut the
              signature into LSH bands; signatures and band keys go to disk
 2. shuffle   band by band, that band's keys of all documents (read from the shards' key
              files, 8 bytes per document) are sorted: equal keys form a bucket
@@ -65,18 +65,12 @@ class SignTask:
 
 def sketch(texts: pa.Array, shingle: int, num_perm: int, bands: int, rows: int, seed: int) -> tuple[np.ndarray, ...]:
     """(signatures, band keys, exact keys (N, 2), word counts) of a batch of texts."""
-    import xxhash
-
     from tasks.lib import minhash as mh
 
-    words = mh.normalised_words(texts)
-    sig = mh.signatures(words, shingle, num_perm, seed)
-    keys = mh.band_keys(sig, bands, rows)
-    norm = mh.normalised_text(words).to_pylist()
-    digests = b"".join(xxhash.xxh3_128_digest((t or "").encode()) for t in norm)  # big-endian: high, low
-    exact = np.frombuffer(digests, dtype=">u8").astype(np.uint64).reshape(-1, 2)
-    nwords = np.diff(words.offsets.to_numpy()).astype(np.int64)
-    return sig, keys, exact, nwords
+    norm = mh.normalise(texts)
+    hashes, offsets = mh.word_hashes(norm)
+    sig = mh.signatures(hashes, offsets, shingle, num_perm, seed)
+    return sig, mh.band_keys(sig, bands, rows), mh.text_keys(norm), np.diff(offsets)
 
 
 def sign_shard(task: SignTask) -> dict[str, Any]:
@@ -145,13 +139,12 @@ class PrefixTask:
 
 def prefix_hashes(task: PrefixTask) -> list[int]:
     """The exact key of the first `length` normalised words of each requested row."""
-    import xxhash
-
     from tasks.lib import minhash as mh
 
     text = read_shard_table(Path(task.path), ["text"]).column("text").combine_chunks()
-    words = mh.normalised_words(text.take(pa.array(task.rows, type=pa.int64()))).to_pylist()
-    return [xxhash.xxh3_128_intdigest(" ".join((w or [])[:n]).encode()) for w, n in zip(words, task.lengths)]
+    norm = mh.normalise(text.take(pa.array(task.rows, type=pa.int64()))).to_pylist()
+    prefixes = pa.array([" ".join(t.split(" ")[:n]) for t, n in zip(norm, task.lengths)], pa.string())
+    return [int(hi) << 64 | int(lo) for hi, lo in mh.text_keys(prefixes)]
 
 
 @dataclass(frozen=True)

@@ -29,12 +29,11 @@ def clusters(texts, c=None, seed=1, roles=None):
     words = [" ".join(t.lower().split()) for t in texts]
 
     def prefix_of(req):  # what the stage computes from the shards
-        import xxhash
-
         from tasks.lib import minhash as mh
 
-        norm = mh.normalised_words(pa.array(texts)).to_pylist()
-        return {i: xxhash.xxh3_128_intdigest(" ".join(norm[i][:n]).encode()) for i, n in req.items()}
+        norm = mh.normalise(pa.array(texts)).to_pylist()
+        keys = mh.text_keys(pa.array([" ".join(norm[i].split(" ")[:n]) for i, n in req.items()]))
+        return {i: int(hi) << 64 | int(lo) for i, (hi, lo) in zip(req, keys)}
 
     keep = dedup.choose_keep(labels, np.array(roles or [0] * len(texts)), nwords, exact, prefix_of)
     del words
@@ -148,3 +147,90 @@ def test_stage_on_generated_crawl_scores_well(workdir, tiny_params):
     m = run_stage(dedup, tiny_params)
     assert m["kept"] < m["docs_in"]
     assert m["vs_ground_truth"]["recall"] > 0.9 and m["vs_ground_truth"]["precision"] > 0.9
+
+
+# --- tasks/lib/minhash.py: the compiled kernels against values computed by hand in Python ---
+
+M64 = (1 << 64) - 1
+
+
+def _fmix(h):
+    h ^= h >> 33
+    h = h * 0xFF51AFD7ED558CCD & M64
+    h ^= h >> 33
+    h = h * 0xC4CEB9FE1A85EC53 & M64
+    return h ^ (h >> 33)
+
+
+def _word_hash(word):  # FNV-1a over the UTF-8 bytes, then the murmur3 finaliser
+    h = 0xCBF29CE484222325
+    for b in word.encode():
+        h = (h ^ b) * 0x100000001B3 & M64
+    return _fmix(h)
+
+
+def _shingle(words):
+    x = 0
+    for w in words:
+        x = (x * 0x9E3779B97F4A7C15 + _word_hash(w)) & M64
+    return _fmix(x ^ len(words))
+
+
+def test_normalise_lowercases_keeps_letters_and_digits_and_breaks_on_the_rest():
+    from tasks.lib import minhash as mh
+
+    texts = ["Hello, World!  ÉCOLE—naïve 3.14", "snake_case İstanbul ΣΟΦΊΑ ½ x", "", None, "  ...  ", "\t-- Lead"]
+    assert mh.normalise(pa.array(texts)).to_pylist() == [
+        "hello world école naïve 3 14",
+        "snake case istanbul σοφία ½ x",  # İ lowers to i (its first character); ½ is a number (No)
+        "", "", "", "lead"]
+    # a slice of an array and an uppercase letter whose lowercase is a longer UTF-8 sequence
+    for kind in (pa.string(), pa.large_string()):
+        sliced = pa.array(["skip me", "ȺB", "Ⱥ"], kind).slice(1, 2)
+        assert mh.normalise(sliced).to_pylist() == ["ⱥb", "ⱥ"]
+    # a multi-byte character cut off at the end of a string is a break, not a crash
+    broken = pa.LargeStringArray.from_buffers(1, pa.py_buffer(np.array([0, 4], np.int64)), pa.py_buffer(b"ab \xc3"))
+    assert mh.normalise(broken).to_pylist() == ["ab"]
+
+
+def test_no_letter_digit_or_cased_character_lies_above_the_tables_planes():
+    from tasks.lib import minhash as mh
+
+    for cp in range(mh._PLANES, 0x110000):
+        ch = chr(cp)
+        assert not ch.isalnum() and ch.lower() == ch, hex(cp)
+
+
+def test_word_hashes_text_keys_and_signatures_match_the_hand_computation():
+    from tasks.lib import minhash as mh
+
+    norm = mh.normalise(pa.array(["The cat sat on it", "Dog", "", "dog"]))
+    hashes, offsets = mh.word_hashes(norm)
+    assert offsets.tolist() == [0, 5, 6, 6, 7]
+    assert hashes.tolist() == [_word_hash(w) for w in ["the", "cat", "sat", "on", "it", "dog", "dog"]]
+    a, b = mh.permutations(4, seed=3)
+    assert (a % 2 == 1).all()
+    sig = mh.signatures(hashes, offsets, 3, 4, 3)
+    shingles = [_shingle(["the", "cat", "sat"]), _shingle(["cat", "sat", "on"]), _shingle(["sat", "on", "it"])]
+    for p in range(4):
+        assert sig[0, p] == min((int(a[p]) * x + int(b[p])) & M64 for x in shingles) >> 32
+        assert sig[1, p] == ((int(a[p]) * _shingle(["dog"]) + int(b[p])) & M64) >> 32  # shorter than k: one shingle
+    assert (sig[2] == mh.EMPTY).all() and (sig[1] == sig[3]).all()
+    keys = mh.text_keys(norm)
+    assert (keys[1] == keys[3]).all() and not (keys[0] == keys[1]).any()
+    assert (mh.text_keys(pa.array(["the cat"]))[0] == mh.text_keys(mh.normalise(pa.array(["THE, cat!"])))[0]).all()
+
+
+def test_signature_agreement_estimates_the_jaccard_similarity():
+    from tasks.lib import minhash as mh
+
+    # 1-word shingles: A = w0..w199, B = w100..w299 share 100 of 300 words, J = 1/3
+    a = " ".join(f"w{i}" for i in range(200))
+    b = " ".join(f"w{i}" for i in range(100, 300))
+    norm = mh.normalise(pa.array([a, b, b]))
+    sig = mh.signatures(*mh.word_hashes(norm), 1, 1024, 7)
+    assert abs(mh.jaccard(sig[0], sig[1]) - 1 / 3) < 0.05  # std of the estimate: 0.015
+    assert mh.jaccard(sig[1], sig[2]) == 1.0
+    # a different seed gives different permutations, the same estimate
+    sig2 = mh.signatures(*mh.word_hashes(norm), 1, 1024, 8)
+    assert (sig2 != sig).any() and abs(mh.jaccard(sig2[0], sig2[1]) - 1 / 3) < 0.05

@@ -1,16 +1,25 @@
 """MinHash signatures of word shingles for a whole shard at once, and LSH band keys.
 
-    words = normalised_words(texts)                  # pyarrow ListArray of words per document
-    sig = signatures(words, shingle=3, num_perm=112, seed=1)   # (N, num_perm) uint32, rensa
+    norm = normalise(texts)                          # pyarrow strings: "lower cased words joined by one space"
+    hashes, offsets = word_hashes(norm)              # 64-bit hash per word, per-document offsets
+    sig = signatures(hashes, offsets, shingle=3, num_perm=112, seed=1)   # (N, num_perm) uint32
     keys = band_keys(sig, bands=14, rows=8)          # (N, bands) uint64: equal key = same bucket
+    exact = text_keys(norm)                          # (N, 2) uint64: 128-bit key of the normalised text
 
-Normalisation lower-cases, turns everything that is not a letter, digit or space into a
-space and splits on whitespace (pyarrow compute, vectorised). Each distinct word of the
-shard is hashed once (xxh3, 64-bit); a shingle's hash combines the hashes of its k words
-in order (a polynomial in 64-bit arithmetic), computed for all shingles of all documents
-with numpy; a document shorter than k words is one shingle of all its words. The MinHash
-digests come from `rensa` (Rust) in one call over a flat buffer of shingle hashes. A
-document with no word gets an empty-set signature (all 0xFFFFFFFF) and never matches.
+Normalisation lower-cases each character (the first character of Python's `str.lower`),
+keeps letters and digits (Unicode categories L* and N*, i.e. `str.isalnum`) and treats every
+other character as a word break; words are joined by one space. A word's hash and a text's key
+are FNV-1a over its UTF-8 bytes with a murmur3 finaliser (two seeds for the 128-bit key). A
+shingle's hash combines the hashes of its k words in order (a polynomial in 64-bit
+arithmetic); a document shorter than k words is one shingle of all its words. Permutation p
+of the MinHash is the multiply-shift hash (a_p x + b_p mod 2^64) >> 32 with a_p odd, drawn
+from the seed. A document with no word gets an empty-set signature (all 0xFFFFFFFF) and
+never matches.
+
+The per-byte and per-shingle loops are compiled with numba (cached on disk beside this file),
+so a shard is one pass over its text bytes and one over its shingles, with no Python object
+per word or per document; this is what makes the map about 20x the datasketch loop
+(bench/dedup_speed.py).
 
 LSH with b bands of r rows puts two documents in a common bucket with probability
 1 - (1 - s^r)^b for Jaccard similarity s (the S-curve that `s_curve` computes).
@@ -18,95 +27,212 @@ LSH with b bands of r rows puts two documents in a common bucket with probabilit
 
 from __future__ import annotations
 
-from itertools import chain
-
+import numba as nb
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 EMPTY = np.uint32(0xFFFFFFFF)
-_MUL = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant: the polynomial's base
+_MUL = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant: the shingle polynomial's base
+_FNV_PRIME = np.uint64(0x100000001B3)
+_FNV_BASIS = np.uint64(0xCBF29CE484222325)
+_SEED2 = np.uint64(0x2545F4914F6CDD1D)  # second seed of the 128-bit text key
+_TABLES: tuple[np.ndarray, np.ndarray] | None = None
+_PLANES = 0x40000  # no cased, letter or digit character lies above plane 3 (tested)
 
 
-def normalised_words(texts: pa.Array) -> pa.ListArray:
-    lowered = pc.utf8_lower(texts)
-    cleaned = pc.replace_substring_regex(lowered, r"[^\p{L}\p{N}\s]+", " ")
-    trimmed = pc.utf8_trim_whitespace(cleaned)
-    trimmed = pc.if_else(pc.equal(trimmed, ""), pa.scalar(None, pa.string()), trimmed)  # no words, not one empty word
-    # RE2's \s is ASCII whitespace and every other non-word character became a space, so the
-    # ASCII split (faster) splits exactly where a Unicode-aware one would
-    return pc.ascii_split_whitespace(trimmed)
+def char_tables() -> tuple[np.ndarray, np.ndarray]:
+    """(lower, is_word) indexed by code point, built once per process (~60 ms)."""
+    global _TABLES
+    if _TABLES is None:
+        lower = np.arange(0x110000, dtype=np.uint32)
+        word = np.zeros(0x110000, dtype=np.bool_)
+        chars = [chr(c) for c in range(_PLANES)]
+        lower[:_PLANES] = np.fromiter((ord(ch.lower()[0]) for ch in chars), dtype=np.uint32, count=_PLANES)
+        word[:_PLANES] = np.fromiter((ch.isalnum() for ch in chars), dtype=np.bool_, count=_PLANES)
+        _TABLES = lower, word
+    return _TABLES
 
 
-def normalised_text(words: pa.ListArray) -> pa.Array:
-    return pc.binary_join(words, " ")
+def _arrow_parts(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(UTF-8 bytes, int64 offsets) of a string array, nulls as empty strings."""
+    texts = texts.cast(pa.large_string()).fill_null("")
+    offsets = np.frombuffer(texts.buffers()[1], dtype=np.int64)[texts.offset : texts.offset + len(texts) + 1]
+    data = texts.buffers()[2]
+    return (np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)), offsets
 
 
-def word_hashes(words: pa.ListArray) -> np.ndarray:
-    """A 64-bit hash of every word occurrence (flattened), each distinct word hashed once."""
-    import xxhash
-
-    flat = pc.list_flatten(words)
-    if len(flat) == 0:
-        return np.zeros(0, dtype=np.uint64)
-    enc = flat.dictionary_encode()
-    uniques = np.fromiter((xxhash.xxh3_64_intdigest(w) for w in enc.dictionary.cast(pa.binary()).to_pylist()), dtype=np.uint64,
-                          count=len(enc.dictionary))
-    return uniques[enc.indices.to_numpy(zero_copy_only=False)]
-
-
-def shingle_hashes(words: pa.ListArray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(flat shingle hashes, row offsets) for all documents: n - k + 1 shingles for a
-    document of n >= k words, 1 for 0 < n < k, none for n = 0."""
-    h = word_hashes(words)
-    offsets = words.offsets.to_numpy().astype(np.int64)
-    n = np.diff(offsets)
-    with np.errstate(over="ignore"):  # 64-bit wrap-around is the intended arithmetic
-        # every window of k consecutive words of the flat array, documents ignored for now
-        full = np.zeros(max(len(h) - k + 1, 0), dtype=np.uint64)
-        for j in range(k):
-            full = full * _MUL + h[j : len(h) - k + 1 + j]
-        full ^= np.uint64(k)
-        # keep the windows that lie inside one document: drop the last k - 1 starts of each
-        keep = np.ones(len(full), dtype=bool)
-        long_docs = np.flatnonzero(n >= k)
-        for j in range(1, k):
-            bad = offsets[long_docs + 1] - j
-            keep[bad[bad < len(full)]] = False
-        short = np.flatnonzero((n > 0) & (n < k))
-        for j in range(k - 1):  # no window starts inside a short document: each would run into the next
-            pos = offsets[short][j < n[short]] + j
-            keep[pos[pos < len(full)]] = False
-        windows = full[keep]
-        # a document shorter than k words is one shingle of all its words
-        counts = np.where(n >= k, n - k + 1, np.minimum(n, 1))
-        out_off = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        out = np.empty(int(out_off[-1]), dtype=np.uint64)
-        is_long = np.repeat(n >= k, counts)
-        out[is_long] = windows
-        if len(short):
-            acc = np.zeros(len(short), dtype=np.uint64)
-            for j in range(k - 1):
-                word = h[np.minimum(offsets[short] + j, len(h) - 1)]
-                acc = acc * _MUL + np.where(j < n[short], word, np.uint64(0))
-            out[out_off[short]] = acc ^ n[short].astype(np.uint64)
-    return out, out_off.astype(np.uint64)
+@nb.njit(cache=True)
+def _put_utf8(out, n, cp):
+    if cp < 0x80:
+        out[n] = cp
+        return n + 1
+    if cp < 0x800:
+        out[n] = 0xC0 | (cp >> 6)
+        out[n + 1] = 0x80 | (cp & 0x3F)
+        return n + 2
+    if cp < 0x10000:
+        out[n] = 0xE0 | (cp >> 12)
+        out[n + 1] = 0x80 | ((cp >> 6) & 0x3F)
+        out[n + 2] = 0x80 | (cp & 0x3F)
+        return n + 3
+    out[n] = 0xF0 | (cp >> 18)
+    out[n + 1] = 0x80 | ((cp >> 12) & 0x3F)
+    out[n + 2] = 0x80 | ((cp >> 6) & 0x3F)
+    out[n + 3] = 0x80 | (cp & 0x3F)
+    return n + 4
 
 
-def signatures(words: pa.ListArray, shingle: int, num_perm: int, seed: int) -> np.ndarray:
-    """(N, num_perm) uint32 MinHash signatures of the documents' word shingles."""
-    import rensa
+@nb.njit(cache=True)
+def _normalise(data, offsets, lower, word):
+    n_docs = len(offsets) - 1
+    # a lowered character takes at most one byte more than itself (2 -> 3 bytes), so 1.5x + 4
+    out = np.empty(len(data) + len(data) // 2 + 4, dtype=np.uint8)
+    out_off = np.empty(n_docs + 1, dtype=np.int64)
+    n = 0
+    for d in range(n_docs):
+        out_off[d] = n
+        start = n
+        gap = False  # a break seen since the last word character
+        i, end = offsets[d], offsets[d + 1]
+        while i < end:
+            b = np.int64(data[i])
+            if b < 0x80:
+                cp, i = b, i + 1
+            elif b >= 0xF0 and i + 3 < end:
+                cp = ((b & 0x07) << 18) | ((np.int64(data[i + 1]) & 0x3F) << 12) | ((np.int64(data[i + 2]) & 0x3F) << 6) | (np.int64(data[i + 3]) & 0x3F)
+                i += 4
+            elif b >= 0xE0 and i + 2 < end:
+                cp = ((b & 0x0F) << 12) | ((np.int64(data[i + 1]) & 0x3F) << 6) | (np.int64(data[i + 2]) & 0x3F)
+                i += 3
+            elif b >= 0xC0 and i + 1 < end:
+                cp = ((b & 0x1F) << 6) | (np.int64(data[i + 1]) & 0x3F)
+                i += 2
+            else:  # a stray byte (strings are validated UTF-8 upstream): a break
+                cp, i = 0x20, i + 1
+            if cp < len(word) and word[cp]:
+                if gap and n > start:
+                    out[n] = 0x20
+                    n += 1
+                gap = False
+                n = _put_utf8(out, n, np.int64(lower[cp]))
+            else:
+                gap = True
+    out_off[n_docs] = n
+    return out[:n].copy(), out_off
 
-    hashes, offsets = shingle_hashes(words, shingle)
-    if len(words) == 0:
-        return np.zeros((0, num_perm), dtype=np.uint32)
-    if len(hashes) == 0:
-        return np.full((len(words), num_perm), EMPTY, dtype=np.uint32)
-    matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(hashes, offsets, num_perm, seed)
-    sig = np.fromiter(chain.from_iterable(matrix.to_rows()), dtype=np.uint32, count=len(words) * num_perm).reshape(len(words), num_perm)
-    empty = np.diff(offsets.astype(np.int64)) == 0
-    sig[empty] = EMPTY
+
+def normalise(texts: pa.Array) -> pa.Array:
+    """The normalised text of every document: lower-cased words joined by one space."""
+    lower, word = char_tables()
+    data, offsets = _arrow_parts(texts)
+    out, out_off = _normalise(data, offsets, lower, word)
+    return pa.LargeStringArray.from_buffers(len(out_off) - 1, pa.py_buffer(out_off), pa.py_buffer(out))
+
+
+@nb.njit(cache=True, inline="always")
+def _fmix(h):
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(0xFF51AFD7ED558CCD)
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(0xC4CEB9FE1A85EC53)
+    h ^= h >> np.uint64(33)
+    return h
+
+
+@nb.njit(cache=True)
+def _word_hashes(data, offsets):
+    n_docs = len(offsets) - 1
+    hashes = np.empty(len(data) // 2 + n_docs + 1, dtype=np.uint64)  # a word and its space: >= 2 bytes
+    woff = np.empty(n_docs + 1, dtype=np.int64)
+    nw = 0
+    for d in range(n_docs):
+        woff[d] = nw
+        h = _FNV_BASIS
+        inword = False
+        for i in range(offsets[d], offsets[d + 1]):
+            b = np.uint64(data[i])
+            if b == 0x20:
+                hashes[nw] = _fmix(h)
+                nw += 1
+                h = _FNV_BASIS
+                inword = False
+            else:
+                h = (h ^ b) * _FNV_PRIME
+                inword = True
+        if inword:
+            hashes[nw] = _fmix(h)
+            nw += 1
+    woff[n_docs] = nw
+    return hashes[:nw].copy(), woff
+
+
+def word_hashes(norm: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(64-bit hash of every word, flattened; int64 offsets of each document's words)."""
+    return _word_hashes(*_arrow_parts(norm))
+
+
+@nb.njit(cache=True)
+def _text_keys(data, offsets):
+    n_docs = len(offsets) - 1
+    keys = np.empty((n_docs, 2), dtype=np.uint64)
+    for d in range(n_docs):
+        h1 = _FNV_BASIS
+        h2 = _FNV_BASIS ^ _SEED2
+        for i in range(offsets[d], offsets[d + 1]):
+            b = np.uint64(data[i])
+            h1 = (h1 ^ b) * _FNV_PRIME
+            h2 = (h2 ^ b) * _MUL
+        n = np.uint64(offsets[d + 1] - offsets[d])
+        keys[d, 0] = _fmix(h1 ^ n)
+        keys[d, 1] = _fmix(h2 + n)
+    return keys
+
+
+def text_keys(norm: pa.Array) -> np.ndarray:
+    """(N, 2) uint64: a 128-bit key of each normalised text (equal texts, equal keys)."""
+    return _text_keys(*_arrow_parts(norm))
+
+
+def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b) of the num_perm multiply-shift permutations: a odd, both uint64."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 2**63, num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    b = rng.integers(0, 2**63, num_perm, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, num_perm, dtype=np.uint64)
+    return a, b
+
+
+@nb.njit(cache=True)
+def _signatures(hashes, woff, k, a, b):
+    n_docs = len(woff) - 1
+    perms = len(a)
+    sig = np.full((n_docs, perms), np.uint32(0xFFFFFFFF))
+    best = np.empty(perms, dtype=np.uint64)
+    for d in range(n_docs):
+        s, m = woff[d], woff[d + 1] - woff[d]
+        if m == 0:
+            continue
+        best[:] = np.uint64(0xFFFFFFFFFFFFFFFF)
+        width = k if m >= k else m  # a document shorter than k words: one shingle of them all
+        for j in range(m - width + 1):
+            x = np.uint64(0)
+            for t in range(width):
+                x = x * _MUL + hashes[s + j + t]
+            x = _fmix(x ^ np.uint64(width))
+            for p in range(perms):  # compiled to SIMD: this loop is where the time goes
+                v = a[p] * x + b[p]
+                if v < best[p]:
+                    best[p] = v
+        for p in range(perms):
+            sig[d, p] = np.uint32(best[p] >> np.uint64(32))
     return sig
+
+
+def signatures(hashes: np.ndarray, offsets: np.ndarray, shingle: int, num_perm: int, seed: int) -> np.ndarray:
+    """(N, num_perm) uint32 MinHash signatures of the documents' word shingles."""
+    if shingle < 1 or num_perm < 1:
+        raise ValueError(f"shingle ({shingle}) and num_perm ({num_perm}) must be at least 1")
+    a, b = permutations(num_perm, seed)
+    return _signatures(hashes, np.asarray(offsets, dtype=np.int64), shingle, a, b)
 
 
 def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
