@@ -17,11 +17,14 @@ STAMP   := $(VENV)/.installed
 setup: $(STAMP)
 
 # torch first, pinned, from the local CPU wheel where one exists (a bare `torch` would pull a
-# multi-GB CUDA build); then everything else with uv, which is much faster than pip.
+# multi-GB CUDA build); then everything else with uv, which is much faster than pip. uv does
+# not write bytecode unless asked: without it every process (each stage, each data worker)
+# compiled mlflow, pandas and numba from source on import where PYTHONDONTWRITEBYTECODE is set,
+# 3-4 s per process; compiling once here takes about 25 s.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.13.0 uv==0.13.8
-	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[dev,ray,services]'
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e '.[dev,ray,services]'
 	touch $(STAMP)
 
 pipeline: setup

@@ -112,6 +112,15 @@ def odd_length(path):
     return f
 
 
+def other_columns(path):
+    def f():
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": ["a valid Parquet file"], "score": [1.0]}), path)
+    return f
+
+
 def set_param(**changes):
     return lambda: edit_params(**changes)
 
@@ -154,6 +163,8 @@ CASES = {
     "instructions: not UTF-8": (sft, instruction_file(b'{"prompt": "\xff"}\n'), "inst.jsonl:1", ["models/sft"]),
     # stage outputs read by later stages
     "raw shard corrupt": (quality, corrupt("data/raw/python_docs/part-00000.parquet"), "part-00000.parquet", ["data/filtered", "models/quality"]),
+    "raw shard with other columns": (quality, other_columns("data/raw/python_docs/part-00000.parquet"), "not a document shard (columns ['text', 'score']",
+                                     ["data/filtered", "models/quality"]),
     "tokenizer.json corrupt": (tokenize, corrupt("models/tokenizer/tokenizer.json", b'{"version": 1'), "tokenizer.json", ["data/tokens"]),
     "meta.json corrupt": (pretrain, corrupt("data/tokens/meta.json", b"{"), "meta.json", ["models/base"]),
     "train.bin truncated": (pretrain, truncate("data/tokens/train.bin"), "train.bin", ["models/base"]),

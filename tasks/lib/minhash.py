@@ -55,7 +55,9 @@ def char_tables() -> tuple[np.ndarray, np.ndarray]:
 
 def _arrow_parts(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(UTF-8 bytes, int64 offsets) of a string array, nulls as empty strings."""
-    texts = texts.cast(pa.large_string()).fill_null("")
+    texts = texts.cast(pa.large_string())
+    if texts.null_count:  # only then: making the "" scalar imports pandas (a second of a worker's start)
+        texts = texts.fill_null("")
     offsets = np.frombuffer(texts.buffers()[1], dtype=np.int64)[texts.offset : texts.offset + len(texts) + 1]
     data = texts.buffers()[2]
     return (np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)), offsets

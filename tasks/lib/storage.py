@@ -214,11 +214,16 @@ def shard_rows(path: Path) -> int:
 
 def read_shard_table(path: Path, columns: list[str] | None) -> pa.Table:
     """One document shard (or some of its columns) as an Arrow table."""
+    # ParquetFile, not read_table: read_table loads pyarrow.dataset, which imports pandas
+    # (over a second of every worker's start) and reads columns a caller did not ask for
     try:
-        table = pq.read_table(path, schema=DOC_SCHEMA)
+        with pq.ParquetFile(path) as pf:
+            if not pf.schema_arrow.remove_metadata().equals(DOC_SCHEMA):
+                raise StageError(f"{path}: not a document shard (columns {pf.schema_arrow.names}, expected "
+                                 f"{DOC_SCHEMA.names} as strings); rerun the stage that wrote it")
+            return pf.read(columns=columns or DOC_SCHEMA.names)
     except (OSError, pa.ArrowException) as err:
         raise StageError(f"{path}: not a readable document shard ({str(err)[:200]}); rerun the stage that wrote it") from None
-    return table.select(columns) if columns else table
 
 
 def source_folders(root: str | Path) -> dict[str, Path]:
