@@ -142,9 +142,7 @@ def prefix_hashes(task: PrefixTask) -> list[int]:
     from tasks.lib import minhash as mh
 
     text = read_shard_table(Path(task.path), ["text"]).column("text").combine_chunks()
-    norm = mh.normalise(text.take(pa.array(task.rows, type=pa.int64()))).to_pylist()
-    prefixes = pa.array([" ".join(t.split(" ")[:n]) for t, n in zip(norm, task.lengths)], pa.string())
-    return [int(hi) << 64 | int(lo) for hi, lo in mh.text_keys(prefixes)]
+    return mh.prefix_keys(text.take(pa.array(task.rows, type=pa.int64())), task.lengths)
 
 
 @dataclass(frozen=True)

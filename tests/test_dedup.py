@@ -26,17 +26,13 @@ def clusters(texts, c=None, seed=1, roles=None):
     c = c or cfg("dedup")
     sig, keys, exact, nwords = dedup.sketch(pa.array(texts), c.shingle_words, c.num_perm, c.bands, c.rows, seed)
     labels, found = dedup.find_clusters(sig, keys, exact, c.threshold, c.verify)
-    words = [" ".join(t.lower().split()) for t in texts]
 
     def prefix_of(req):  # what the stage computes from the shards
         from tasks.lib import minhash as mh
 
-        norm = mh.normalise(pa.array(texts)).to_pylist()
-        keys = mh.text_keys(pa.array([" ".join(norm[i].split(" ")[:n]) for i, n in req.items()]))
-        return {i: int(hi) << 64 | int(lo) for i, (hi, lo) in zip(req, keys)}
+        return dict(zip(req, mh.prefix_keys(pa.array([texts[i] for i in req]), list(req.values()))))
 
     keep = dedup.choose_keep(labels, np.array(roles or [0] * len(texts)), nwords, exact, prefix_of)
-    del words
     return labels, keep, found
 
 
@@ -219,6 +215,8 @@ def test_word_hashes_text_keys_and_signatures_match_the_hand_computation():
     keys = mh.text_keys(norm)
     assert (keys[1] == keys[3]).all() and not (keys[0] == keys[1]).any()
     assert (mh.text_keys(pa.array(["the cat"]))[0] == mh.text_keys(mh.normalise(pa.array(["THE, cat!"])))[0]).all()
+    hi, lo = mh.text_keys(pa.array(["the cat"]))[0]
+    assert mh.prefix_keys(pa.array(["The cat sat on it", "the  CAT"]), [2, 5]) == [int(hi) << 64 | int(lo)] * 2
 
 
 def test_signature_agreement_estimates_the_jaccard_similarity():

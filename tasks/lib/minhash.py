@@ -5,6 +5,7 @@
     sig = signatures(hashes, offsets, shingle=3, num_perm=112, seed=1)   # (N, num_perm) uint32
     keys = band_keys(sig, bands=14, rows=8)          # (N, bands) uint64: equal key = same bucket
     exact = text_keys(norm)                          # (N, 2) uint64: 128-bit key of the normalised text
+    prefix_keys(texts, [5, 0])                       # the key of each text's first n words, as ints
 
 Normalisation lower-cases each character (the first character of Python's `str.lower`),
 keeps letters and digits (Unicode categories L* and N*, i.e. `str.isalnum`) and treats every
@@ -193,6 +194,14 @@ def _text_keys(data, offsets):
 def text_keys(norm: pa.Array) -> np.ndarray:
     """(N, 2) uint64: a 128-bit key of each normalised text (equal texts, equal keys)."""
     return _text_keys(*_arrow_parts(norm))
+
+
+def prefix_keys(texts: pa.Array, lengths: list[int] | tuple[int, ...]) -> list[int]:
+    """The text key (as one 128-bit int, high half first) of the first `length` normalised
+    words of each text: equal to the key of a document whose whole text is that prefix."""
+    norm = normalise(texts).to_pylist()
+    keys = text_keys(pa.array([" ".join(t.split(" ")[:n]) for t, n in zip(norm, lengths)], pa.string()))
+    return [int(hi) << 64 | int(lo) for hi, lo in keys]
 
 
 def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
