@@ -70,7 +70,7 @@ def sketch(texts: pa.Array, shingle: int, num_perm: int, bands: int, rows: int, 
     norm = mh.normalise(texts)
     hashes, offsets = mh.word_hashes(norm)
     sig = mh.signatures(hashes, offsets, shingle, num_perm, seed)
-    return sig, mh.band_keys(sig, bands, rows), mh.text_keys(norm), np.diff(offsets)
+    return sig, mh.band_keys(sig, bands, rows), mh.word_keys(hashes, offsets), np.diff(offsets)
 
 
 def sign_shard(task: SignTask) -> dict[str, Any]:

@@ -203,6 +203,8 @@ def test_word_hashes_text_keys_and_signatures_match_the_hand_computation():
     norm = mh.normalise(pa.array(["The cat sat on it", "Dog", "", "dog"]))
     hashes, offsets = mh.word_hashes(norm)
     assert offsets.tolist() == [0, 5, 6, 6, 7]
+    spaced, spaced_off = mh.word_hashes(pa.array([" the  cat "]))  # not normalised: no empty word
+    assert spaced.tolist() == [_word_hash("the"), _word_hash("cat")] and spaced_off.tolist() == [0, 2]
     assert hashes.tolist() == [_word_hash(w) for w in ["the", "cat", "sat", "on", "it", "dog", "dog"]]
     a, b = mh.permutations(4, seed=3)
     assert (a % 2 == 1).all()
@@ -232,3 +234,39 @@ def test_signature_agreement_estimates_the_jaccard_similarity():
     # a different seed gives different permutations, the same estimate
     sig2 = mh.signatures(*mh.word_hashes(norm), 1, 1024, 8)
     assert (sig2 != sig).any() and abs(mh.jaccard(sig2[0], sig2[1]) - 1 / 3) < 0.05
+
+
+BOUNDS_SCRIPT = r"""
+import numpy as np, pyarrow as pa
+from tasks.lib import minhash as mh
+
+def raw(b):  # a one-string array of any bytes, invalid UTF-8 included, sized exactly
+    return pa.LargeStringArray.from_buffers(1, pa.py_buffer(np.array([0, len(b)], np.int64)), pa.py_buffer(b))
+
+cases = [pa.array(["Ⱥ" * 1000]),               # lower-casing grows 2 -> 3 bytes: the normaliser's worst case
+         pa.array(["A"] * 1000),                # one-letter documents: the most words per byte
+         pa.array([" " * 41, "a  b   c "]),     # not normalised: spaces around and between words
+         raw(b"a\xf0\x9f\x98"), raw(b"ab\xe2\x82"), raw(b"x\xc3"), raw(b"\xbf\xff z")]  # cut-off and stray bytes
+for texts in cases:
+    norm = mh.normalise(texts)
+    for arr in (texts, norm):
+        h, off = mh.word_hashes(arr)
+        mh.signatures(h, off, 3, 16, 1)
+        mh.text_keys(arr)
+    mh.prefix_keys(texts, [2] * len(texts))
+print("ok", mh.normalise(raw(b"a\xf0\x9f\x98")).to_pylist(), mh.normalise(raw(b"\xbf\xff z")).to_pylist())
+"""
+
+
+def test_the_kernels_stay_in_bounds_on_worst_case_input(tmp_path):
+    """numba does not check bounds: a buffer sized one byte short would corrupt memory
+    silently. Run the worst cases with bounds checking on (a subprocess: the flag is read at
+    compile time, and its own cache keeps the checked code apart)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_BOUNDSCHECK": "1", "NUMBA_CACHE_DIR": str(tmp_path), "PYTHONPATH": os.getcwd()}
+    r = subprocess.run([sys.executable, "-c", BOUNDS_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "ok ['a'] ['z']"

@@ -163,7 +163,7 @@ CASES = {
     "instructions: not UTF-8": (sft, instruction_file(b'{"prompt": "\xff"}\n'), "inst.jsonl:1", ["models/sft"]),
     # stage outputs read by later stages
     "raw shard corrupt": (quality, corrupt("data/raw/python_docs/part-00000.parquet"), "part-00000.parquet", ["data/filtered", "models/quality"]),
-    "raw shard with other columns": (quality, other_columns("data/raw/python_docs/part-00000.parquet"), "not a document shard (columns ['text', 'score']",
+    "raw shard with other columns": (quality, other_columns("data/raw/python_docs/part-00000.parquet"), "not a document shard (columns text: string, score: double;",
                                      ["data/filtered", "models/quality"]),
     "tokenizer.json corrupt": (tokenize, corrupt("models/tokenizer/tokenizer.json", b'{"version": 1'), "tokenizer.json", ["data/tokens"]),
     "meta.json corrupt": (pretrain, corrupt("data/tokens/meta.json", b"{"), "meta.json", ["models/base"]),

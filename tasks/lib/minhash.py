@@ -4,22 +4,22 @@
     hashes, offsets = word_hashes(norm)              # 64-bit hash per word, per-document offsets
     sig = signatures(hashes, offsets, shingle=3, num_perm=112, seed=1)   # (N, num_perm) uint32
     keys = band_keys(sig, bands=14, rows=8)          # (N, bands) uint64: equal key = same bucket
-    exact = text_keys(norm)                          # (N, 2) uint64: 128-bit key of the normalised text
+    exact = word_keys(hashes, offsets)               # (N, 2) uint64: 128-bit key of the normalised text
     prefix_keys(texts, [5, 0])                       # the key of each text's first n words, as ints
 
 Normalisation lower-cases each character (the first character of Python's `str.lower`),
 keeps letters and digits (Unicode categories L* and N*, i.e. `str.isalnum`) and treats every
-other character as a word break; words are joined by one space. A word's hash and a text's key
-are FNV-1a over its UTF-8 bytes with a murmur3 finaliser (two seeds for the 128-bit key). A
-shingle's hash combines the hashes of its k words in order (a polynomial in 64-bit
-arithmetic); a document shorter than k words is one shingle of all its words. Permutation p
+other character as a word break; words are joined by one space. A word's hash is FNV-1a
+over its UTF-8 bytes with a murmur3 finaliser; a text's 128-bit key is two polynomials over
+its word hashes. A shingle's hash combines the hashes of its k words in order (a polynomial
+in 64-bit arithmetic); a document shorter than k words is one shingle of all its words. Permutation p
 of the MinHash is the multiply-shift hash (a_p x + b_p mod 2^64) >> 32 with a_p odd, drawn
 from the seed. A document with no word gets an empty-set signature (all 0xFFFFFFFF) and
 never matches.
 
 The per-byte and per-shingle loops are compiled with numba (cached on disk beside this file),
 so a shard is one pass over its text bytes and one over its shingles, with no Python object
-per word or per document; this is what makes the map about 20x the datasketch loop
+per word or per document; this is what makes the map over 20x the datasketch loop
 (bench/dedup_speed.py).
 
 LSH with b bands of r rows puts two documents in a common bucket with probability
@@ -54,14 +54,20 @@ def char_tables() -> tuple[np.ndarray, np.ndarray]:
     return _TABLES
 
 
-def _arrow_parts(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(UTF-8 bytes, int64 offsets) of a string array, nulls as empty strings."""
+def _arrow_parts(texts: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(UTF-8 bytes, int64 offsets) of a string array, nulls as empty strings. The bytes end
+    where the last string ends (not at the buffer's padding): the kernels size their output
+    from this length, and numba does not check bounds."""
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.combine_chunks()
     texts = texts.cast(pa.large_string())
     if texts.null_count:  # only then: making the "" scalar imports pandas (a second of a worker's start)
         texts = texts.fill_null("")
     offsets = np.frombuffer(texts.buffers()[1], dtype=np.int64)[texts.offset : texts.offset + len(texts) + 1]
     data = texts.buffers()[2]
-    return (np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)), offsets
+    if data is None or len(offsets) == 0:
+        return np.zeros(0, np.uint8), offsets
+    return np.frombuffer(data, dtype=np.uint8)[: int(offsets[-1])], offsets
 
 
 @nb.njit(cache=True)
@@ -99,19 +105,30 @@ def _normalise(data, offsets, lower, word):
         i, end = offsets[d], offsets[d + 1]
         while i < end:
             b = np.int64(data[i])
-            if b < 0x80:
-                cp, i = b, i + 1
-            elif b >= 0xF0 and i + 3 < end:
-                cp = ((b & 0x07) << 18) | ((np.int64(data[i + 1]) & 0x3F) << 12) | ((np.int64(data[i + 2]) & 0x3F) << 6) | (np.int64(data[i + 3]) & 0x3F)
-                i += 4
-            elif b >= 0xE0 and i + 2 < end:
-                cp = ((b & 0x0F) << 12) | ((np.int64(data[i + 1]) & 0x3F) << 6) | (np.int64(data[i + 2]) & 0x3F)
-                i += 3
-            elif b >= 0xC0 and i + 1 < end:
-                cp = ((b & 0x1F) << 6) | (np.int64(data[i + 1]) & 0x3F)
-                i += 2
-            else:  # a stray byte (strings are validated UTF-8 upstream): a break
-                cp, i = 0x20, i + 1
+            if b < 0x80:  # ASCII, most bytes of most text: no decoding
+                cp = b
+                i += 1
+            else:
+                # the lead byte says how long the character is; a lead that is not one, or a
+                # character cut off or with a byte that is not a continuation, is one stray
+                # byte and counts as a break (strings are validated UTF-8 upstream: defence)
+                w = 0 if b < 0xC0 else 2 if b < 0xE0 else 3 if b < 0xF0 else 4 if b < 0xF8 else 0
+                if w == 0 or i + w > end:
+                    w = 0
+                else:
+                    for t in range(1, w):
+                        if (np.int64(data[i + t]) & 0xC0) != 0x80:
+                            w = 0
+                            break
+                if w == 2:
+                    cp = ((b & 0x1F) << 6) | (np.int64(data[i + 1]) & 0x3F)
+                elif w == 3:
+                    cp = ((b & 0x0F) << 12) | ((np.int64(data[i + 1]) & 0x3F) << 6) | (np.int64(data[i + 2]) & 0x3F)
+                elif w == 4:
+                    cp = ((b & 0x07) << 18) | ((np.int64(data[i + 1]) & 0x3F) << 12) | ((np.int64(data[i + 2]) & 0x3F) << 6) | (np.int64(data[i + 3]) & 0x3F)
+                else:
+                    cp, w = 0x20, 1
+                i += w
             if cp < len(word) and word[cp]:
                 if gap and n > start:
                     out[n] = 0x20
@@ -155,8 +172,9 @@ def _word_hashes(data, offsets):
         for i in range(offsets[d], offsets[d + 1]):
             b = np.uint64(data[i])
             if b == 0x20:
-                hashes[nw] = _fmix(h)
-                nw += 1
+                if inword:  # normalised text has no doubled space; other text may
+                    hashes[nw] = _fmix(h)
+                    nw += 1
                 h = _FNV_BASIS
                 inword = False
             else:
@@ -175,25 +193,29 @@ def word_hashes(norm: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 
 @nb.njit(cache=True)
-def _text_keys(data, offsets):
-    n_docs = len(offsets) - 1
+def _word_keys(hashes, woff):
+    n_docs = len(woff) - 1
     keys = np.empty((n_docs, 2), dtype=np.uint64)
     for d in range(n_docs):
         h1 = _FNV_BASIS
-        h2 = _FNV_BASIS ^ _SEED2
-        for i in range(offsets[d], offsets[d + 1]):
-            b = np.uint64(data[i])
-            h1 = (h1 ^ b) * _FNV_PRIME
-            h2 = (h2 ^ b) * _MUL
-        n = np.uint64(offsets[d + 1] - offsets[d])
+        h2 = _SEED2
+        for j in range(woff[d], woff[d + 1]):  # two polynomials over the word hashes
+            h1 = h1 * _MUL + hashes[j]
+            h2 = (h2 ^ hashes[j]) * _FNV_PRIME
+        n = np.uint64(woff[d + 1] - woff[d])
         keys[d, 0] = _fmix(h1 ^ n)
         keys[d, 1] = _fmix(h2 + n)
     return keys
 
 
+def word_keys(hashes: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """(N, 2) uint64: a 128-bit key of each document's word sequence (from `word_hashes`)."""
+    return _word_keys(hashes, np.asarray(offsets, dtype=np.int64))
+
+
 def text_keys(norm: pa.Array) -> np.ndarray:
     """(N, 2) uint64: a 128-bit key of each normalised text (equal texts, equal keys)."""
-    return _text_keys(*_arrow_parts(norm))
+    return word_keys(*word_hashes(norm))
 
 
 def prefix_keys(texts: pa.Array, lengths: list[int] | tuple[int, ...]) -> list[int]:

@@ -216,11 +216,14 @@ def read_shard_table(path: Path, columns: list[str] | None) -> pa.Table:
     """One document shard (or some of its columns) as an Arrow table."""
     # ParquetFile, not read_table: read_table loads pyarrow.dataset, which imports pandas
     # (over a second of every worker's start) and reads columns a caller did not ask for
+    if columns and not set(columns) <= set(DOC_SCHEMA.names):
+        raise ValueError(f"unknown document columns {sorted(set(columns) - set(DOC_SCHEMA.names))}")
     try:
         with pq.ParquetFile(path) as pf:
-            if not pf.schema_arrow.remove_metadata().equals(DOC_SCHEMA):
-                raise StageError(f"{path}: not a document shard (columns {pf.schema_arrow.names}, expected "
-                                 f"{DOC_SCHEMA.names} as strings); rerun the stage that wrote it")
+            found = [(f.name, str(f.type)) for f in pf.schema_arrow]
+            if found != [(f.name, str(f.type)) for f in DOC_SCHEMA]:  # names, order and types; nullability aside
+                raise StageError(f"{path}: not a document shard (columns {', '.join(f'{n}: {t}' for n, t in found)}; "
+                                 f"expected {', '.join(f'{f.name}: {f.type}' for f in DOC_SCHEMA)}); rerun the stage that wrote it")
             return pf.read(columns=columns or DOC_SCHEMA.names)
     except (OSError, pa.ArrowException) as err:
         raise StageError(f"{path}: not a readable document shard ({str(err)[:200]}); rerun the stage that wrote it") from None
