@@ -6,7 +6,7 @@ linear bucket edges) against the plain datasketch loop, on the same documents.
 Both read the documents from memory or disk as they would in use: the baseline from a list,
 this project's map from Parquet shards written beforehand (as the stage reads its input),
 each worker writing its signatures and band keys to disk for the reduce. Starting the worker
-processes (imports, loading the compiled kernels: about 2 s, once per stage run whatever the
+processes (imports, loading the compiled kernels: about 1 s for two, once per stage run whatever the
 corpus size) is timed apart and printed beside the ratio.
 The documents are real text (Python's documentation paragraphs, recombined into documents of
 about 200 words) with 20% near-duplicate copies. The baseline is the usual datasketch
