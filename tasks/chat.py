@@ -22,7 +22,8 @@ def load_for_chat(model_uri: str | None, checkpoint: str | None, device: str = "
         from tasks.lib.tracking import tracking_uri
 
         mlflow.set_tracking_uri(tracking_uri())
-        folder = registry.download_checkpoint(model_uri)
+        concrete, _ = registry.resolve_uri(model_uri)  # @champion falls back, with a line saying so, when none was earned
+        folder = registry.download_checkpoint(concrete)
     else:
         from pathlib import Path
 

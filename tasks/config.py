@@ -388,11 +388,14 @@ class SFT(Section):
 
 
 class Judge(Section):
-    """The programmatic `gold` judge (tasks/lib/judge.py): word-overlap F1 with the
-    reference answer, minus penalties for repetition and for never ending the turn."""
+    """The programmatic `gold` judge (tasks/lib/judge.py): idf-weighted word overlap with the
+    prompt's own reference beyond the prompt's words, minus the mean overlap with
+    `contrast_references` other references, minus penalties for repetition and for never
+    ending the turn."""
 
     repetition_penalty: NonNegFloat
     unfinished_penalty: NonNegFloat
+    contrast_references: Annotated[int, Field(ge=1, le=4096)]
 
 
 class Preferences(Section):
@@ -401,8 +404,15 @@ class Preferences(Section):
     k: Annotated[int, Field(ge=2, le=16)]
     sampling: Sampling
     batch_size: PosInt
-    val_fraction: Annotated[float, Field(gt=0, lt=1)]
+    val_fraction: Annotated[float, Field(gt=0, lt=1)]  # prompts that select the reward model's best step
+    test_fraction: Annotated[float, Field(gt=0, lt=1)]  # prompts that only measure it (never selected on)
     compute: Compute
+
+    @model_validator(mode="after")
+    def _splits(self) -> "Preferences":
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(f"val_fraction + test_fraction ({self.val_fraction} + {self.test_fraction}) must leave prompts to train on")
+        return self
 
 
 class Reward(Section):
@@ -450,23 +460,42 @@ class PPO(Section):
 
 
 class Promotion(Section):
-    """When the candidate (the evaluated version of `model`) beats the current `champion` on
-    `metric` by more than `min_margin` (re-measured on this run's evaluation prompts; a tie
-    does not promote), the alias moves; otherwise the candidate becomes `challenger`."""
+    """The candidate (the best evaluated version of `model`) takes the `champion` alias only
+    when the lower bound of its win rate's 95% interval exceeds 0.5 + `min_margin` against
+    SFT (at the evaluation temperature and at its best temperature) and against the current
+    champion (re-measured on the same prompts), and its score difference with the constant
+    answer is above 0; otherwise it becomes `challenger`."""
 
-    model: Literal["rlhf", "sft"]
-    # gold: an independent judge; rm: the reward model PPO optimised (it can be exploited)
-    metric: Literal["win_rate_vs_sft_gold", "gold_score", "win_rate_vs_sft_rm", "rm_score"]
-    min_margin: NonNegFloat
+    model: Literal["rlhf"]
+    min_margin: Annotated[float, Field(ge=0.0, lt=0.5)]
+
+
+class Contamination(Section):
+    """n-gram overlap of the evaluation prompts and references with the pretraining and SFT
+    data (GPT-3's 13-grams); `drop` leaves contaminated prompts out, `report` only counts them."""
+
+    ngram: Annotated[int, Field(ge=4, le=50)]
+    action: Literal["report", "drop"]
+
+
+class Benchmark(Section):
+    """The built-in multiple-choice benchmark (tasks/lib/benchmarks.py)."""
+
+    choices: Annotated[int, Field(ge=2, le=10)]
+    few_shot: NonNegInt
 
 
 class Evaluate(Section):
-    prompts: Annotated[int, Field(ge=2)]
-    samples_per_prompt: Annotated[int, Field(ge=2)]  # >= 2 to measure self-similarity
+    samples_per_prompt: PosInt
     sampling: Sampling
+    sft_temperatures: list[NonNegFloat]  # SFT sampled at these too (0: greedy); its best is a baseline
+    max_ci_half_width: Annotated[float, Field(gt=0.0, le=0.5)]  # the eval split must be big enough for it
+    bootstrap_resamples: Annotated[int, Field(ge=200)]
     few_shot: NonNegInt  # examples in the base model's document-style prompt
-    val_batches: PosInt
+    bpb_max_tokens: PosInt | None  # validation tokens for bits per byte (None: all)
     samples_in_report: NonNegInt
+    contamination: Contamination
+    benchmark: Benchmark
     promotion: Promotion
     compute: Compute
 

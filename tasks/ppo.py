@@ -180,7 +180,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     from tasks.lib.bpe import load_tokenizer
     from tasks.lib.deps import code_hash
     from tasks.lib.hashing import content_hash
-    from tasks.lib.judge import gold_score
+    from tasks.lib.judge import Judge
     from tasks.lib.model import load_checkpoint, save_checkpoint
     from tasks.lib.runtime import Runtime
     from tasks.lib.template import Template
@@ -198,8 +198,10 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     scorer.eval()
     t = Template(load_tokenizer(inputs["sft"]))
     # 2. prompts
-    examples = [ex for ex in instructions.splits(params.instructions, params.seed)["ppo"]
-                if len(t.prompt(ex["messages"][0]["content"])) <= params.instructions.max_prompt_tokens]
+    splits = instructions.splits(params.instructions, params.seed)
+    judge = Judge([(ex["messages"][0]["content"], ex["messages"][1]["content"]) for split in splits.values() for ex in split],
+                  jd.repetition_penalty, jd.unfinished_penalty, jd.contrast_references)
+    examples = [ex for ex in splits["ppo"] if len(t.prompt(ex["messages"][0]["content"])) <= params.instructions.max_prompt_tokens]
     if len(examples) < cfg.batch_prompts:
         raise StageError(f"only {len(examples)} usable prompts in the 'ppo' split, fewer than ppo.batch_prompts={cfg.batch_prompts}")
     prompts = [t.prompt(ex["messages"][0]["content"]) for ex in examples]
@@ -211,8 +213,9 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
         with torch.no_grad():
             r = rewards_of(scorer, [t.scored(p, [tok for tok in resp if tok != t.pad], max_len) for p, resp in zip(ps, rs)], t.pad)
         gold.clear()
-        gold.extend(gold_score(t.decode(resp), examples[i]["messages"][1]["content"], bool(resp) and resp[-1] == t.end_turn,
-                               jd.repetition_penalty, jd.unfinished_penalty) for resp, i in zip(rs, idx))
+        gold.extend(judge.scores([t.decode(resp) for resp in rs], [examples[i]["messages"][0]["content"] for i in idx],
+                                 [examples[i]["messages"][1]["content"] for i in idx],
+                                 [bool(resp) and resp[-1] == t.end_turn for resp in rs]).tolist())
         return r
 
     ptx_fn = None
@@ -227,6 +230,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
 
     def on_iter(it: int, row: dict, responses: list[list[int]], idx: list[int]) -> None:
         row["gold_score"] = float(np.mean(gold)) if gold else float("nan")
+        row["sqrt_kl"] = float(np.sqrt(max(row["kl"], 0.0)))  # Gao et al.: gold and RM score against sqrt(KL)
         report.log(it, {k: v for k, v in row.items() if k != "iteration"})
         logged.add(it)
         if it % 10 == 0 or it + 1 == cfg.steps:

@@ -12,8 +12,9 @@ Labelers (`preferences.labeler`):
   chosen/rejected pair `{"prompt", "chosen", "rejected"}` as in common preference datasets.
   The labeling app (`python -m tasks.label`) writes this file.
 
-Output: `data/preferences/{train,val}.jsonl`, one ranking per line with its completions (the
-reward stage forms the C(K,2) pairs, less tied pairs and pairs with a flagged completion);
+Output: `data/preferences/{train,val,test}.jsonl`, one ranking per line with its completions
+(the reward stage forms the C(K,2) pairs, less tied pairs and pairs with a flagged
+completion; `val` picks the reward model's best step, `test` only measures it);
 with the gold labeler also `to_rank.jsonl`, the sampled prompts and completions for people
 to rank in the labeling app. Metrics: prompts, K, pairs, usable pairs, ties, flagged
 completions, human vs judge labels, labelers, and where a prompt was ranked more than once
@@ -28,7 +29,6 @@ from pathlib import Path
 
 from tasks.config import Params
 from tasks.lib.errors import StageError
-from tasks.lib.hashing import in_fraction
 from tasks.lib.storage import atomic_dir
 
 STAGE = "preferences"
@@ -71,7 +71,7 @@ def sample_and_rank(params: Params, sft_dir: Path) -> list[dict]:
 
     from tasks.lib import instructions
     from tasks.lib.bpe import load_tokenizer
-    from tasks.lib.judge import gold_score
+    from tasks.lib.judge import Judge
     from tasks.lib.model import generate, load_checkpoint
     from tasks.lib.runtime import Runtime
     from tasks.lib.storage import progress
@@ -81,8 +81,10 @@ def sample_and_rank(params: Params, sft_dir: Path) -> list[dict]:
     rt = Runtime(cfg.compute)
     model, _ = load_checkpoint(sft_dir, rt.device)
     t = Template(load_tokenizer(sft_dir))
-    prompts = select_prompts(instructions.splits(params.instructions, params.seed)["rm"], t, params.instructions.max_prompt_tokens,
-                             cfg.prompts, params.seed)
+    splits = instructions.splits(params.instructions, params.seed)
+    judge = Judge([(ex["messages"][0]["content"], ex["messages"][1]["content"]) for split in splits.values() for ex in split],
+                  jd.repetition_penalty, jd.unfinished_penalty, jd.contrast_references)
+    prompts = select_prompts(splits["rm"], t, params.instructions.max_prompt_tokens, cfg.prompts, params.seed)
     if len(prompts) < 2:
         raise StageError("fewer than 2 usable prompts in the 'rm' split: widen instructions.split.rm or add sources")
     gen = torch.Generator().manual_seed(params.seed)
@@ -100,7 +102,7 @@ def sample_and_rank(params: Params, sft_dir: Path) -> list[dict]:
     for j, ex in enumerate(prompts):
         comps, fin = texts[j * cfg.k : (j + 1) * cfg.k], finished[j * cfg.k : (j + 1) * cfg.k]
         ref = ex["messages"][1]["content"]
-        scores = [gold_score(c, ref, f, jd.repetition_penalty, jd.unfinished_penalty) for c, f in zip(comps, fin)]
+        scores = judge.scores(comps, [ex["messages"][0]["content"]] * len(comps), [ref] * len(comps), fin).tolist()
         ranking = sorted(range(cfg.k), key=lambda i: (-scores[i], i))
         records.append({"id": ex["id"], "prompt": ex["messages"][0]["content"], "reference": ref, "completions": comps,
                         "finished": fin, "scores": [round(s, 4) for s in scores], "ranking": ranking, "labeler": "gold"})
@@ -141,21 +143,33 @@ def _flag_pairs(r: dict) -> int:
     return k * (k - 1) // 2 - (k - f) * (k - f - 1) // 2
 
 
+def split_of_prompt(prompt_id: str, val_fraction: float, test_fraction: float) -> str:
+    """train, val or test, by a hash of the prompt's id: every ranking of one prompt (several
+    labelers) lands on the same side."""
+    from tasks.lib.hashing import unit_interval
+
+    u = unit_interval(prompt_id, "preferences:")
+    return "val" if u < val_fraction else "test" if u < val_fraction + test_fraction else "train"
+
+
 def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict:
     from tasks.lib.instructions import write_jsonl
 
     cfg = params.preferences
     records = read_human(inputs["human_preferences"]) if cfg.labeler == "file" else sample_and_rank(params, inputs["sft"])
-    train = [r for r in records if not in_fraction(r["id"], cfg.val_fraction, "preferences:")]
-    val = [r for r in records if in_fraction(r["id"], cfg.val_fraction, "preferences:")]
-    if not train or not val:
-        raise StageError(f"preferences split into {len(train)} train / {len(val)} val prompts: need both (more prompts or another val_fraction)")
+    parts: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
+    for r in records:
+        parts[split_of_prompt(r["id"], cfg.val_fraction, cfg.test_fraction)].append(r)
+    if not all(parts.values()):
+        raise StageError(f"preferences split into {len(parts['train'])} train / {len(parts['val'])} val / {len(parts['test'])} test "
+                         "prompts: need all three (more prompts, or other val_fraction / test_fraction)")
+    train, val = parts["train"], parts["val"]
     with atomic_dir(outputs["preferences"]) as out:
-        write_jsonl(out / "train.jsonl", train)
-        write_jsonl(out / "val.jsonl", val)
+        for name, rows in parts.items():
+            write_jsonl(out / f"{name}.jsonl", rows)
         if cfg.labeler == "gold":  # the sampled completions, for people to rank (python -m tasks.label)
             write_jsonl(out / "to_rank.jsonl", to_rank(records))
-    metrics = {"labeler": cfg.labeler, "prompts": len(records), "train_prompts": len(train), "val_prompts": len(val),
+    metrics = {"labeler": cfg.labeler, "prompts": len(records), "train_prompts": len(train), "val_prompts": len(val), "test_prompts": len(parts["test"]),
                "k_mean": sum(len(r["completions"]) for r in records) / len(records), **label_metrics(records),
                "finished_fraction": sum(sum(r["finished"]) for r in records) / sum(len(r["finished"]) for r in records)}
     if cfg.labeler == "gold":

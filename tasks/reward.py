@@ -8,11 +8,12 @@ token. For a prompt with K ranked completions, every pair (w better than l) of t
 contributes `-log sigmoid(r_w - r_l)`, averaged per batch; all pairs of one prompt share a
 batch (InstructGPT). Tied pairs (equal judge scores, or completions a labeler ranked
 equal) carry no preference and are skipped, and so are pairs with a completion a labeler
-flagged as unusable. Metrics: pairwise accuracy on held-out prompts (and on training
-prompts). The weights of the best held-out accuracy are kept (a small RM overfits after
-about an epoch), and the output is normalised (mean 0, std 1 on the training completions)
-inside the model, so that its scores, PPO's rewards and the value function initialised
-from it share one scale.
+flagged as unusable. The weights of the best pairwise accuracy on the validation prompts
+are kept (a small RM overfits after about an epoch); the accuracy reported as the RM's
+(`test_accuracy`) is measured on test prompts that took no part in that choice, beside the
+validation figure it was selected on and the training accuracy. The output is normalised
+(mean 0, std 1 on the training completions) inside the model, so that its scores, PPO's
+rewards and the value function initialised from it share one scale.
 """
 
 from __future__ import annotations
@@ -102,8 +103,9 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     t = Template(load_tokenizer(inputs["sft"]))
     train = load_prompts(inputs["preferences"] / "train.jsonl", t, model.cfg.max_seq_len)
     val = load_prompts(inputs["preferences"] / "val.jsonl", t, model.cfg.max_seq_len)
-    if not train or not val:
-        raise StageError(f"no untied preference pairs (train prompts {len(train)}, val prompts {len(val)})")
+    test = load_prompts(inputs["preferences"] / "test.jsonl", t, model.cfg.max_seq_len)
+    if not train or not val or not test:
+        raise StageError(f"no untied preference pairs (train prompts {len(train)}, val prompts {len(val)}, test prompts {len(test)})")
     rt = Runtime(params.reward.compute)
 
     def batch_fn(step: int, micro: int, rank: int):
@@ -144,7 +146,9 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     initial = hist["evals"][0]["val_accuracy"]  # step 0: the SFT body with a random head
     with torch.no_grad():
         train_acc = accuracy(model, train, t.pad)
+        test_acc = accuracy(model, test, t.pad)
     return {
+        "test_accuracy": test_acc, "test_pairs": sum(len(p["pairs"]) for p in test), "test_prompts": len(test),
         "val_accuracy": val_acc, "val_accuracy_before": initial, "train_accuracy": train_acc, "best_step": hist["best"]["step"],
         "val_accuracy_last": hist["evals"][-1]["val_accuracy"],
         "train_loss": hist["final"].get("loss"), "first_train_loss": hist["first_loss"],

@@ -50,13 +50,14 @@ def tiny_raw_params() -> dict:
     raw["instructions"]["sources"] = [{"name": "python_qa", "kind": "builtin", "corpus": "python_qa", "limit": 300}]
     raw["sft"]["train"].update(steps=4, **small)
     # the gold labeler needs a model good enough to avoid ties; end to end uses the human file
-    raw["preferences"].update(labeler="file", val_fraction=0.3, prompts=12, k=2)
+    raw["preferences"].update(labeler="file", val_fraction=0.25, test_fraction=0.25, prompts=12, k=2)  # each split gets an example
     raw["paths"]["human_preferences"] = "examples/preferences.jsonl"
     raw["preferences"]["sampling"]["max_new_tokens"] = 8
     raw["reward"]["train"].update(steps=4, **small)
     raw["ppo"].update(steps=2, batch_prompts=4, ckpt_every=1)
     raw["ppo"]["sampling"]["max_new_tokens"] = 8
-    raw["evaluate"].update(prompts=8)
+    # about 18 held-out prompts: an interval up to +-0.5 wide is all they can promise
+    raw["evaluate"].update(samples_per_prompt=2, sft_temperatures=[0.0], max_ci_half_width=0.5, bootstrap_resamples=200)
     raw["evaluate"]["sampling"]["max_new_tokens"] = 8
     for section in ("pretrain", "sft", "preferences", "reward", "ppo", "evaluate"):
         raw[section]["compute"]["device"] = "cpu"  # CPU tests stay on the CPU on a GPU machine too

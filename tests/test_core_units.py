@@ -185,25 +185,14 @@ def test_common_formats_by_hand():
 def test_repetition_by_hand():
     assert judge.repetition("a b c a b c") == pytest.approx(1 - 3 / 4)  # trigrams abc bca cab abc: 3 distinct of 4
     assert judge.repetition("a b") == 0.0
-    assert judge.overlap_f1("the cat sat", "the cat") == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))
-    assert judge.gold_score("x y z x y z", "x y z", finished=False, repetition_penalty=1.0, unfinished_penalty=0.5) == pytest.approx(
-        judge.overlap_f1("x y z x y z", "x y z") - 1.0 * judge.repetition("x y z x y z") - 0.5)
+    assert judge.repetition("A, b; c") == 0.0 and judge.repetition("x x x x") == pytest.approx(1 - 1 / 2)
 
 
-def test_self_similarity_and_win_rate_edges():
-    from tasks.evaluate import self_similarity, win_rate
+def test_self_similarity_edges():
+    from tasks.evaluate import self_similarity
 
     assert self_similarity([["A b", "a B"]]) == 1.0  # case does not matter
     assert self_similarity([["", ""]]) == 1.0 and self_similarity([]) == 0.0 and self_similarity([["a"]]) == 0.0
-    w = win_rate([1.0] * 3, [0.0] * 3)
-    assert w["ci_high"] == 1.0 and w["rate"] == 1.0 and w["n"] == 3
-    with pytest.raises(ValueError, match="equally long"):
-        win_rate([], [])
-
-
-def test_judge_parameters_round_trip_through_json():
-    # the evaluate report and MLflow carry these as JSON: plain floats, nothing else
-    assert json.loads(json.dumps({"f1": judge.overlap_f1("a", "a")})) == {"f1": 1.0}
 
 
 def test_train_loop_follows_the_schedule_and_records_each_step(tmp_path):

@@ -22,23 +22,28 @@ def test_distinct_n_and_self_similarity():
     assert evaluate.self_similarity([["a b c", "a b c"], ["x y", "z w"]]) == pytest.approx(0.5)
 
 
-def test_win_rate_counts_ties_half_and_gives_an_interval():
-    w = evaluate.win_rate([1, 2, 3, 5], [0, 2, 4, 1])  # win, tie, loss, win
-    assert w["rate"] == pytest.approx(2.5 / 4) and w["n"] == 4
-    assert w["ci_low"] < w["rate"] < w["ci_high"]
-    big = evaluate.win_rate([1] * 400, [0] * 400)
-    assert big["rate"] == 1.0 and big["ci_low"] > 0.98
-    with pytest.raises(ValueError):
-        evaluate.win_rate([1], [1, 2])
+def cmp(win_low: float, diff_low: float = 0.1, win: float | None = None) -> dict:
+    """A paired comparison as tasks.lib.compare.compare returns it."""
+    win = win if win is not None else win_low + 0.05
+    return {"win_rate": win, "win_ci_low": win_low, "win_ci_high": min(win + 0.05, 1.0), "diff": diff_low + 0.05,
+            "diff_ci_low": diff_low, "diff_ci_high": diff_low + 0.1, "prompts": 300}
 
 
-@pytest.mark.parametrize("candidate, champion, margin, promote", [
-    (0.6, None, 0.0, True), (0.6, 0.5, 0.0, True), (0.5, 0.5, 0.0, False), (0.52, 0.5, 0.05, False), (0.56, 0.5, 0.05, True),
-    (0.4, 0.5, 0.0, False),
+@pytest.mark.parametrize("vs, margin, promote", [
+    ({"sft": cmp(0.55), "sft_best_temperature": cmp(0.52), "constant": cmp(0.6), "champion": None}, 0.0, True),   # no champion yet: the rule still holds
+    ({"sft": cmp(0.45), "sft_best_temperature": cmp(0.52), "constant": cmp(0.6), "champion": None}, 0.0, False),  # loses to SFT, no champion: not promoted
+    ({"sft": cmp(0.50), "sft_best_temperature": cmp(0.52), "constant": cmp(0.6), "champion": None}, 0.0, False),  # a bound of exactly 0.5 is not a win
+    ({"sft": cmp(0.55), "sft_best_temperature": cmp(0.49), "constant": cmp(0.6), "champion": None}, 0.0, False),  # sharpened SFT is as good
+    ({"sft": cmp(0.55), "sft_best_temperature": cmp(0.52), "constant": cmp(0.6, diff_low=-0.01), "champion": None}, 0.0, False),  # not above the constant answer
+    ({"sft": cmp(0.55), "sft_best_temperature": cmp(0.52), "constant": cmp(0.6), "champion": cmp(0.51)}, 0.0, True),
+    ({"sft": cmp(0.55), "sft_best_temperature": cmp(0.52), "constant": cmp(0.6), "champion": cmp(0.48)}, 0.0, False),
+    ({"sft": cmp(0.55), "sft_best_temperature": cmp(0.56), "constant": cmp(0.6), "champion": cmp(0.54)}, 0.05, False),  # margin on the champion
+    ({"sft": cmp(0.56), "sft_best_temperature": cmp(0.56), "constant": cmp(0.6), "champion": cmp(0.56)}, 0.05, True),
 ])
-def test_promotion_rule(candidate, champion, margin, promote):
-    ok, reason = evaluate.decide(candidate, champion, margin)
-    assert ok is promote and reason
+def test_promotion_rule(vs, margin, promote):
+    ok, reason = evaluate.decide(vs, margin)
+    assert ok is promote
+    assert ("no champion yet" in reason) is (vs["champion"] is None) and "vs sft" in reason and "constant" in reason
 
 
 @pytest.fixture
@@ -66,46 +71,49 @@ def registered(tmp_path):
 
 
 def test_promotion_branches_of_the_stage_code(registered):
+    """In a real registry: a candidate that loses to SFT, or to the constant answer, is not
+    promoted even with no champion; a winner is; a later winner must beat the champion too,
+    re-measured; the decision and its numbers land on the version's tags."""
     from types import SimpleNamespace
 
     name, (v1, v2, v3) = registered
-    pr = SimpleNamespace(model=name, metric="win_rate_vs_sft_gold", min_margin=0.0)
+    pr = SimpleNamespace(model=name, min_margin=0.0)
     seen = []
 
-    def champion_scores(value):
-        def measure(version):
-            seen.append(version)
-            return value
+    def champion(result):
+        def measure(model, version):
+            seen.append((model, version))
+            return result
         return measure
 
-    def run(version, value, champion_value=None):
-        return evaluate.promote(pr, {name: version}, {"models": {name: {pr.metric: value}}}, champion_scores(champion_value))
+    good = {"sft": cmp(0.55), "sft_best_temperature": cmp(0.53), "constant": cmp(0.9)}
+    loses_to_sft = {**good, "sft": cmp(0.40)}
+    below_constant = {**good, "constant": cmp(0.9, diff_low=-0.02)}
+    run = lambda version, vs, result=None: evaluate.promote(pr, {"rlhf": version}, {}, {"rlhf": vs}, champion(result))  # noqa: E731
 
     assert registry.alias_version(name, "champion") is None
-    first = run(v1, 0.50)  # no champion yet: the first candidate becomes champion
-    assert first["decision"] == "champion" and registry.alias_version(name, "champion") == v1 and seen == []
-    assert {k: v for k, v in first.items() if k != "reason"} == {
-        "model": name, "metric": pr.metric, "judged_by": "the gold judge, independent of the reward model PPO optimised",
-        "candidate_version": v1, "candidate_value": 0.50, "champion_version": None, "champion_value": None, "decision": "champion"}
-    assert first["reason"]
-    assert run(v1, 0.99)["decision"] == "unchanged" and seen == []  # the champion is not measured against itself
-    better = run(v2, 0.6234567, champion_value=0.50)  # a planted better candidate takes the alias
-    assert better["decision"] == "champion" and registry.alias_version(name, "champion") == v2 and seen == [v1]
-    assert (better["champion_version"], better["champion_value"], better["candidate_value"]) == (v1, 0.50, 0.6234567)
-    tie = run(v3, 0.62, champion_value=0.62)  # a tie does not promote
-    assert tie["decision"] == "challenger" and registry.alias_version(name, "champion") == v2
-    assert registry.alias_version(name, "challenger") == v3 and seen == [v1, v2]
-    worse = run(v3, 0.40, champion_value=0.62)
-    assert worse["decision"] == "challenger" and registry.alias_version(name, "champion") == v2
-    assert run(None, 0.9)["decision"] == "none"  # an unregistered checkpoint is never promoted
-    tags = mlflow_client().get_model_version(name, v2).tags
-    assert tags[f"eval.{pr.metric}"] == "0.623457"  # rounded to 6 places
-    missing = evaluate.promote(pr, {name: v3}, {"models": {name: {}}}, champion_scores(0.1))
-    assert missing["decision"] == "none" and missing["reason"] == f"metric {pr.metric} is not measured for {name}"
-    assert registry.alias_version(name, "champion") == v2
-    rm = SimpleNamespace(model=name, metric="win_rate_vs_sft_rm", min_margin=0.0)
-    assert evaluate.promote(rm, {name: v2}, {"models": {name: {rm.metric: 0.7}}}, champion_scores(0.1))["judged_by"] == (
-        "the reward model that PPO optimised (it can be exploited: compare the gold judge's win rate)")
+    first = run(v1, loses_to_sft)
+    assert first["decision"] == "challenger" and registry.alias_version(name, "champion") is None
+    assert registry.alias_version(name, "challenger") == v1 and "vs sft 0.450 [0.400" in first["reason"]
+    assert run(v1, below_constant)["decision"] == "challenger" and registry.alias_version(name, "champion") is None
+    assert seen == []  # no champion: nothing re-measured
+    ok = run(v1, good)
+    assert ok["decision"] == "champion" and registry.alias_version(name, "champion") == v1 and ok["vs_champion"] is None
+    assert {k: ok[k] for k in ("model", "candidate", "candidate_version", "champion_version")} == {
+        "model": name, "candidate": "rlhf", "candidate_version": v1, "champion_version": None}
+    tags = mlflow_client().get_model_version(name, v1).tags
+    assert tags["promotion.decision"] == "champion" and tags["promotion.vs_sft.win_ci_low"] == "0.55"
+    assert run(v1, good)["decision"] == "unchanged" and seen == []  # the champion is not measured against itself
+    better = run(v2, good, cmp(0.5234567))
+    assert better["decision"] == "champion" and registry.alias_version(name, "champion") == v2 and seen == [("rlhf", v1)]
+    assert mlflow_client().get_model_version(name, v2).tags["promotion.vs_champion.win_ci_low"] == "0.523457"  # 6 places
+    tie = run(v3, good, cmp(0.50))  # no better than the champion: challenger
+    assert tie["decision"] == "challenger" and registry.alias_version(name, "champion") == v2 and registry.alias_version(name, "challenger") == v3
+    none = evaluate.promote(pr, {"rlhf": None}, {}, {"rlhf": good}, champion(cmp(0.9)))
+    assert none["decision"] == "none" and registry.alias_version(name, "champion") == v2  # an unregistered checkpoint is never promoted
+    # of several aligned candidates, the one with the best win rate against SFT competes
+    two = evaluate.promote(pr, {"a": v3, "b": v1}, {}, {"a": good, "b": {**good, "sft": cmp(0.6)}}, champion(cmp(0.1)))
+    assert two["candidate"] == "b" and two["decision"] == "challenger"
 
 
 def mlflow_client():
@@ -129,7 +137,7 @@ def test_loading_by_alias_gives_a_model_that_generates(registered):
 
     tok = load_tokenizer(registry.download_checkpoint(f"models:/{name}@champion"))
     lengths = {n: len(tok.encode(model.predict(["What does len do?"], params={"max_new_tokens": n, "temperature": 1.0})[0]).ids) for n in (1, 12)}
-    assert lengths[1] <= 1 < lengths[12]
+    assert lengths[1] <= 3 < lengths[12]  # one token re-encodes as up to 3 when it holds part of a character
     hot = [model.predict(["What does len do?"], params={"max_new_tokens": 12, "temperature": 1.5, "seed": s})[0] for s in (0, 1)]
     assert hot[0] != hot[1], "temperature and seed must reach the sampler"
     import pandas as pd
@@ -159,6 +167,7 @@ def test_report_images_are_embedded_for_prefect(tmp_path):
 def evaluator_parts():
     from tasks.config import parse_params
     from tasks.lib.bpe import train_bpe
+    from tasks.lib.judge import Judge
     from tasks.lib.model import ScalarModel
     from tasks.lib.template import Template
     from tests.conftest import tiny_raw_params
@@ -174,33 +183,49 @@ def evaluator_parts():
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, d_model=16, max_seq_len=64)
     scorer = ScalarModel(cfg).eval()
-    return params, t, scorer, examples, cfg
+    corpus = [(e["messages"][0]["content"], e["messages"][1]["content"]) for e in examples] + [("Close it?", "Close the file object.")]
+    judge = Judge(corpus, params.judge.repetition_penalty, params.judge.unfinished_penalty, 2)
+    return params, t, scorer, judge, examples, cfg
 
 
 def test_evaluator_prompts_and_summary_by_hand(evaluator_parts):
-    params, t, scorer, examples, _ = evaluator_parts
-    ev = evaluate.Evaluator(params, t, scorer, examples, [examples[1], examples[0]], contextlib.nullcontext())
+    import numpy as np
+
+    params, t, scorer, judge, examples, _ = evaluator_parts
+    ev = evaluate.Evaluator(params, t, scorer, judge, examples, [examples[1], examples[0]], contextlib.nullcontext())
     assert ev.prompt_ids("Q1", chat=True) == t.prompt("Q1")
     shots = "Q: Open what?\nA: Open a file.\n\nQ: What does len do?\nA: Return the number of items.\n\n"
     assert ev.prompt_ids("Q1", chat=False) == [t.eot, *t.text_ids(shots)] + t.text_ids("Q: Q1\nA:")
-    out = {"rm": [1.0, 3.0, -1.0, 0.0], "gold": [0.5, 0.1, 0.2, 0.2], "comp_ids": [[1, 2], [1, 2, 3], [4], [4, 5]],
-           "texts": ["a b", "a b", "c", "d"], "finished": [True, False, True, True], "entropy": 2.5}
-    ref = {"rm": [0.0, 9.0, -1.0, 9.0], "gold": [0.6, 0.0, 0.1, 0.0]}
-    m = ev.summary(out, ref)
+    out = {"rm": np.array([[1.0, 3.0], [-1.0, 0.0]]), "gold": np.array([[0.5, 0.1], [0.2, 0.2]]), "comp_ids": [[1, 2], [1, 2, 3], [4], [4, 5]],
+           "texts": ["a b", "a b", "c", "d"], "finished": [True, False, True, True], "entropy": 2.5, "samples": 2}
+    m = ev.summary(out)
     assert m["rm_score"] == pytest.approx(0.75) and m["gold_score"] == pytest.approx(0.25)
     assert m["response_length"] == pytest.approx(2.0) and m["finished_share"] == pytest.approx(0.75)
     assert m["distinct_1"] == pytest.approx(5 / 8) and m["mean_token_entropy"] == 2.5
     assert m["self_similarity"] == pytest.approx(0.5)  # prompt 1: identical (1.0); prompt 2: disjoint (0.0)
-    # win rates compare the first sample of each prompt: rm 1 > 0 (win), -1 == -1 (tie) -> 0.75; gold 0.5 < 0.6, 0.2 > 0.1 -> 0.5
-    assert m["win_rate_vs_sft_rm"] == pytest.approx(0.75) and m["win_rate_vs_sft_gold"] == pytest.approx(0.5)
-    assert "win_rate_vs_sft_rm" not in ev.summary(out, None)
-    # bigrams (1,2) (1,2) (2,3) (4,5): 3 distinct of 4
-    assert m["distinct_2"] == pytest.approx(3 / 4)
-    for name, a, b in (("rm", [1.0, -1.0], [0.0, -1.0]), ("gold", [0.5, 0.2], [0.6, 0.1])):
-        w = evaluate.win_rate(a, b)
-        assert (m[f"win_rate_vs_sft_{name}_ci_low"], m[f"win_rate_vs_sft_{name}_ci_high"]) == (w["ci_low"], w["ci_high"])
+    assert m["distinct_2"] == pytest.approx(3 / 4)  # bigrams (1,2) (1,2) (2,3) (4,5): 3 distinct of 4
     # samples are grouped per prompt (k = 2): prompt 1 identical, prompt 2 identical -> 1.0
-    assert ev.summary({**out, "texts": ["a b", "a b", "c", "c"]}, None)["self_similarity"] == pytest.approx(1.0)
+    assert ev.summary({**out, "texts": ["a b", "a b", "c", "c"]})["self_similarity"] == pytest.approx(1.0)
+    # a baseline: one finished answer per prompt, judged and scored by the RM like a model's
+    b = ev.baseline(["Return the number of items.", "Close the file object."])
+    assert b["gold"].shape == (2, 1) and b["samples"] == 1 and "self_similarity" not in ev.summary(b)
+    assert b["gold"][:, 0] == pytest.approx(judge.scores(b["texts"], ev.questions, ev.references, [True, True]))
+    from tasks.lib.rl import rewards_of
+
+    want = rewards_of(scorer, [t.scored(t.prompt(ev.questions[1]), t.text_ids("Close the file object.") + [t.end_turn], 64)], t.pad)
+    assert b["rm"][1, 0] == pytest.approx(float(want[0]), abs=1e-5)
+
+
+def test_best_constant_is_the_argmax_over_the_candidates():
+    from tasks.lib.judge import Judge
+
+    corpus = [("What is alpha?", "alpha beta gamma"), ("What is delta?", "beta delta"), ("Explain zeta.", "beta epsilon zeta")]
+    j = Judge(corpus, 0.5, 0.3, 2)
+    qs, rs = [q for q, _ in corpus], [r for _, r in corpus]
+    # by hand (tests/test_judge.py): "gamma" scores 1/9 on average, "beta" 0, "delta epsilon" below
+    text, score = evaluate.best_constant(j, ["beta", "gamma", "gamma", "delta epsilon"], qs, rs)
+    assert text == "gamma" and score == pytest.approx(1 / 9)
+    assert evaluate.best_constant(j, ["beta", "beta beta"], qs, rs)[0] == "beta"  # a tie: the first in sorted order
 
 
 def test_evaluator_run_keeps_samples_with_their_prompts(evaluator_parts, monkeypatch):
@@ -208,15 +233,17 @@ def test_evaluator_run_keeps_samples_with_their_prompts(evaluator_parts, monkeyp
     from tasks.lib.model import GPT
     from tasks.lib.rl import rewards_of
 
-    params, t, scorer, examples, cfg = evaluator_parts
+    params, t, scorer, judge, examples, cfg = evaluator_parts
     calls = []
 
     def fake_generate(model, prompts, max_new_tokens, **kw):  # chat: the question's own tokens, then end of turn
         calls.append((len(prompts), max_new_tokens, kw))
-        return [p[2:-2][:3] + [t.end_turn] for p in prompts]
+        out = [p[2:-2][:3] + [t.end_turn] for p in prompts]
+        kw["entropy"].extend(float(i) for i, o in enumerate(out) for _ in o)  # per token: its row's number
+        return out
 
     monkeypatch.setattr(model_lib, "generate", fake_generate)
-    ev = evaluate.Evaluator(params, t, scorer, examples, [], contextlib.nullcontext())
+    ev = evaluate.Evaluator(params, t, scorer, judge, examples, [], contextlib.nullcontext())
     model = GPT(cfg).eval()
     out = ev.run(model, chat=True)
     sp = params.evaluate.sampling
@@ -225,22 +252,20 @@ def test_evaluator_run_keeps_samples_with_their_prompts(evaluator_parts, monkeyp
     assert (kw["pad_id"], kw["stop_ids"], kw["temperature"], kw["top_p"]) == (t.pad, t.stop_ids, sp.temperature, sp.top_p)
     assert int(kw["generator"].initial_seed()) == params.seed
     assert len(out["texts"]) == 4 and all(out["finished"]) and all(c[-1] == t.end_turn for c in out["comp_ids"])
-    from tasks.lib.rl import sequences, token_logprobs
-
-    rows = [t.prompt(ex["messages"][0]["content"]) for ex in examples for _ in range(2)]
-    x, mask = sequences(rows, [p[2:-2][:3] + [t.end_turn] for p in rows], t.pad, "cpu")
-    with torch.no_grad():
-        ent = token_logprobs(model, x)[1]
-    assert out["entropy"] == pytest.approx(float((ent * mask).sum() / mask.sum()), abs=1e-5)
+    assert out["gold"].shape == (2, 2) and out["rm"].shape == (2, 2)
+    lengths = [len(t.prompt(ex["messages"][0]["content"])[2:-2][:3]) + 1 for ex in examples for _ in range(2)]
+    assert out["entropy"] == pytest.approx(sum(i * n for i, n in enumerate(lengths)) / sum(lengths))  # the mean over every token
     for i, ex in enumerate(examples):
         for s in range(2):
             assert ex["messages"][0]["content"].startswith(out["texts"][i * 2 + s])
     want = rewards_of(scorer, [t.scored(t.prompt(examples[1]["messages"][0]["content"]), out["comp_ids"][2], 64)], t.pad).item()
-    assert out["rm"][2] == pytest.approx(want, abs=1e-5)
-    from tasks.lib.judge import gold_score
-
-    jd = params.judge
-    assert out["gold"][3] == pytest.approx(gold_score(out["texts"][3], examples[1]["messages"][1]["content"], True, jd.repetition_penalty, jd.unfinished_penalty))
+    assert out["rm"][1, 0] == pytest.approx(want, abs=1e-5)
+    assert out["gold"][1, 1] == pytest.approx(judge.score(out["texts"][3], examples[1]["messages"][0]["content"],
+                                                          examples[1]["messages"][1]["content"], True))
+    # another temperature and sample count reach the sampler
+    calls.clear()
+    greedy = ev.run(model, chat=True, temperature=0.0, samples=1)
+    assert calls[0][0] == 2 and calls[0][2]["temperature"] == 0.0 and greedy["gold"].shape == (2, 1)
     blank = t.text_ids("Answer one.\n\nQ: next")
 
     def doc_generate(model, prompts, max_new_tokens, **kw):  # a document continues past its answer
@@ -307,14 +332,13 @@ def test_evaluator_run_batches_cuts_long_prompts_and_scores_unfinished_answers(e
     the answer is cut from the start (for the policy and for the reward model); an empty or
     unended chat answer is unfinished, and the judge is told so."""
     from tasks.lib import model as model_lib
-    from tasks.lib.judge import gold_score
+    from tasks.lib.judge import Judge
     from tasks.lib.model import GPT
 
-    params, t, scorer, examples, cfg = evaluator_parts
-    # judge settings other than gold_score's defaults, so passing them on is checked
-    params = params.model_copy(update={"judge": params.judge.model_copy(update={"repetition_penalty": 0.9, "unfinished_penalty": 0.7})})
+    params, t, scorer, _, examples, cfg = evaluator_parts
     long_q = " ".join(["What does len do?"] * 30)  # far more tokens than the 64-token context
     examples = [examples[0], {"id": "long", "messages": [{"role": "user", "content": long_q}, {"role": "assistant", "content": "Open a file."}]}]
+    judge = Judge([(e["messages"][0]["content"], e["messages"][1]["content"]) for e in examples] + [("x?", "Close it.")], 0.9, 0.7, 2)
     model = GPT(cfg).eval()
     seen = []
     answers = iter([[], t.text_ids("Return the") + [t.end_turn], t.text_ids("Open a"), [t.end_turn]])
@@ -324,26 +348,25 @@ def test_evaluator_run_batches_cuts_long_prompts_and_scores_unfinished_answers(e
         return [next(answers) for _ in prompts]
 
     monkeypatch.setattr(model_lib, "generate", fake_generate)
-    ev = evaluate.Evaluator(params, t, scorer, examples, [], contextlib.nullcontext())
+    ev = evaluate.Evaluator(params, t, scorer, judge, examples, [], contextlib.nullcontext())
     out = ev.run(model, chat=True, batch=1)
     assert len(seen) == 4 and all(same for same, _ in seen) and [len(p) for _, p in seen] == [1, 1, 1, 1]
     limit = cfg.max_seq_len - params.evaluate.sampling.max_new_tokens
     full = t.prompt(long_q)
     assert len(full) > cfg.max_seq_len and seen[2][1][0] == full[-limit:]
     assert out["finished"] == [False, True, False, True] and out["texts"] == ["", "Return the", "Open a", ""]
-    jd = params.judge
-    assert out["gold"][2] == pytest.approx(gold_score("Open a", "Open a file.", False, jd.repetition_penalty, jd.unfinished_penalty))
-    assert out["gold"][2] != pytest.approx(gold_score("Open a", "Open a file.", True, jd.repetition_penalty, jd.unfinished_penalty))
+    assert out["gold"][1, 0] == pytest.approx(judge.score("Open a", long_q, "Open a file.", False))
+    assert out["gold"][1, 0] == pytest.approx(judge.score("Open a", long_q, "Open a file.", True) - 0.7)
     from tasks.lib.rl import rewards_of
 
     want = rewards_of(scorer, [t.scored(full, t.text_ids("Open a"), cfg.max_seq_len)], t.pad).item()
-    assert out["rm"][2] == pytest.approx(want, abs=1e-5)
+    assert out["rm"][1, 0] == pytest.approx(want, abs=1e-5)
 
 
 def test_select_prompts_keeps_a_prompt_exactly_at_the_limit(evaluator_parts):
-    _, t, _, examples, _ = evaluator_parts
+    _, t, _, _, examples, _ = evaluator_parts
     n = len(t.prompt(examples[0]["messages"][0]["content"]))
     assert n != len(t.prompt(examples[1]["messages"][0]["content"]))
-    at_limit = evaluate.select_prompts(examples, t, n, 10, seed=0)
-    assert examples[0] in at_limit
-    assert examples[0] not in evaluate.select_prompts(examples, t, n - 1, 10, seed=0)
+    assert examples[0] in evaluate.select_prompts(examples, t, n, seed=0)
+    assert examples[0] not in evaluate.select_prompts(examples, t, n - 1, seed=0)
+    assert len(evaluate.select_prompts(examples, t, 1000, seed=0)) == 2  # every usable prompt

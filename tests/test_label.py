@@ -100,24 +100,27 @@ def test_preferences_on_human_rankings_reports_human_labels_and_agreement(tmp_pa
     from tasks.config import parse_params
 
     raw = tiny_raw_params()
-    raw["preferences"].update(labeler="file", val_fraction=0.3)
+    raw["preferences"].update(labeler="file", val_fraction=0.3, test_fraction=0.2)
     params = parse_params(raw)
-    val, (t1, t2) = ids_in_both_splits(0.3)
+    by_split = {s: [f"p{i}" for i in range(100) if preferences.split_of_prompt(f"p{i}", 0.3, 0.2) == s] for s in ("train", "val", "test")}
+    (t1, t2), val, test = by_split["train"][:2], by_split["val"][0], by_split["test"][0]
     p1 = {"id": t1, "prompt": "q1", "completions": ["a", "b", "c"], "judge_scores": [3, 2, 1]}
     rows = [{**p1, "labeler": "alice", "ranking": [0, 1, 2]},
             {**p1, "labeler": "bob", "ranking": [1, 0, 2], "ties": [[1, 0]]},
             {"id": t2, "prompt": "q2", "completions": ["x", "y"], "labeler": "alice", "ranking": [1, 0], "judge_scores": [0, 1]},
-            {"id": val, "prompt": "q3", "completions": ["u", "v", "w"], "labeler": "carol", "ranking": [0, 1, 2], "flagged": [2]}]
+            {"id": val, "prompt": "q3", "completions": ["u", "v", "w"], "labeler": "carol", "ranking": [0, 1, 2], "flagged": [2]},
+            {"id": test, "prompt": "q4", "completions": ["s", "t"], "labeler": "dave", "ranking": [1, 0]}]
     human = write_jsonl(tmp_path / "rankings.jsonl", rows)
     m = preferences.run(params, {"sft": tmp_path / "none", "human_preferences": human}, {"preferences": tmp_path / "out"})
-    assert (m["human_labels"], m["judge_labels"], m["labelers"], m["prompts"]) == (4, 0, 3, 4)
-    assert (m["pairs"], m["usable_pairs"], m["flagged_completions"]) == (10, 7, 1)
-    assert m["tie_fraction"] == pytest.approx(1 / 10)  # bob's tie; carol's flagged pairs are not ties
+    assert (m["human_labels"], m["judge_labels"], m["labelers"], m["prompts"]) == (5, 0, 4, 5)
+    assert (m["train_prompts"], m["val_prompts"], m["test_prompts"]) == (3, 1, 1)
+    assert (m["pairs"], m["usable_pairs"], m["flagged_completions"]) == (11, 8, 1)
+    assert m["tie_fraction"] == pytest.approx(1 / 11)  # bob's tie; carol's flagged pairs are not ties
     assert m["labeler_agreement"] == pytest.approx(2 / 3) and m["agreement_prompts"] == 1
     assert m["judge_agreement"] == pytest.approx(6 / 7)  # alice 3/3 + 1/1, bob 2/3
-    out = [json.loads(line) for f in ("train", "val") for line in (tmp_path / "out" / f"{f}.jsonl").read_text().splitlines()]
+    out = [json.loads(line) for f in ("train", "val", "test") for line in (tmp_path / "out" / f"{f}.jsonl").read_text().splitlines()]
     assert {(r["labeler"], tuple(map(tuple, r["ties"])), tuple(r["flagged"])) for r in out} == {
-        ("alice", (), ()), ("bob", ((1, 0),), ()), ("carol", (), (2,))}
+        ("alice", (), ()), ("bob", ((1, 0),), ()), ("carol", (), (2,)), ("dave", (), ())}
     assert not (tmp_path / "out/to_rank.jsonl").exists()  # only the gold labeler samples completions to rank
 
 

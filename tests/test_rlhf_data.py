@@ -46,15 +46,24 @@ def test_builtin_python_qa_is_real_documentation():
     assert "`" in q["content"] and len(a["content"].split()) >= 4
 
 
-def test_gold_judge_on_literal_answers():
-    ref = "Serialize obj to a JSON formatted string."
-    good = judge.gold_score("Serialize obj to a JSON formatted string.", ref, finished=True)
-    wordy = judge.gold_score("Serialize obj to a JSON string string string string string string.", ref, finished=True)
-    unfinished = judge.gold_score("Serialize obj to a JSON formatted string.", ref, finished=False)
-    off = judge.gold_score("Open a file for reading.", ref, finished=True)
-    assert good == pytest.approx(1.0)
-    assert good > wordy and good > unfinished == pytest.approx(0.7) and good > off
-    assert judge.repetition("a b c a b c a b c") > 0.5 and judge.repetition("one two three four") == 0
+def test_gold_judge_on_real_documentation():
+    """On the built-in instruction data: the reference far above the best of 200 constant
+    answers, a copy of the prompt, and another prompt's reference; a good answer beats a
+    wordy, an unfinished and an off-topic one."""
+    data = instructions.load(conf("instructions", sources=[{"name": "python_qa", "kind": "builtin", "corpus": "python_qa", "limit": 400}]), 0)
+    j = judge.Judge([(ex["messages"][0]["content"], ex["messages"][1]["content"]) for ex in data], 0.5, 0.3, 64)
+    qs, refs = [ex["messages"][0]["content"] for ex in data[:100]], [ex["messages"][1]["content"] for ex in data[:100]]
+    fin = [True] * len(qs)
+    reference = j.scores(refs, qs, refs, fin).mean()
+    rng = __import__("random").Random(0)
+    others = [refs[(i + rng.randrange(1, len(refs))) % len(refs)] for i in range(len(refs))]
+    constant = j.constant_scores([ex["messages"][1]["content"] for ex in data[200:400]], qs, refs).mean(1).max()
+    assert reference > 0.85 and constant < 0.05 and j.scores(qs, qs, refs, fin).mean() == 0.0
+    assert j.scores(others, qs, refs, fin).mean() < 0.05
+    q, ref = qs[0], refs[0]
+    good = j.score(ref, q, ref, True)
+    assert good > j.score(ref + " " + " ".join(["the value"] * 20), q, ref, True)
+    assert good - j.score(ref, q, ref, False) == pytest.approx(0.3) and good > j.score(refs[50], q, ref, True)
 
 
 def test_human_preference_file_and_its_errors(tmp_path):
@@ -79,7 +88,7 @@ def test_gold_labeler_samples_k_and_ranks_them(tmp_path):
 
     raw = tiny_raw_params()
     raw["instructions"]["sources"] = [{"name": "python_qa", "kind": "builtin", "corpus": "python_qa", "limit": 200}]
-    raw["preferences"].update(labeler="gold", prompts=10, k=3, val_fraction=0.4)
+    raw["preferences"].update(labeler="gold", prompts=10, k=3, val_fraction=0.3, test_fraction=0.3)
     raw["preferences"]["sampling"]["max_new_tokens"] = 6
     params = parse_params(raw)
     texts = [m["content"] for ex in instructions.load(params.instructions, 0) for m in ex["messages"]]
@@ -94,7 +103,7 @@ def test_gold_labeler_samples_k_and_ranks_them(tmp_path):
     assert (m["judge_labels"], m["human_labels"], m["labelers"]) == (10, 0, 1)
     to_rank = [json.loads(line) for line in (tmp_path / "out/to_rank.jsonl").read_text().splitlines()]  # for the labeling app
     assert len(to_rank) == 10 and {len(r["completions"]) for r in to_rank} == {3} and all(len(r["judge_scores"]) == 3 for r in to_rank)
-    recs = [json.loads(line) for f in ("train", "val") for line in (tmp_path / "out" / f"{f}.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for f in ("train", "val", "test") for line in (tmp_path / "out" / f"{f}.jsonl").read_text().splitlines()]
     assert len(recs) == 10
     for r in recs:
         assert len(r["completions"]) == 3 and sorted(r["ranking"]) == [0, 1, 2]
@@ -113,9 +122,10 @@ def test_prompt_sets_are_a_seeded_sample_not_the_alphabetical_head(stage):
     t = Template(train_bpe(iter(["What does do"] * 10), 300, 1))
     examples = [{"id": f"python_qa/{m}.f", "messages": [{"role": "user", "content": "What does f do"}, {"role": "assistant", "content": "x"}]}
                 for m in sorted(f"mod{i:03d}" for i in range(300))]
-    picked = module.select_prompts(examples, t, 64, 30, seed=1)
-    again = module.select_prompts(examples, t, 64, 30, seed=1)
-    other = module.select_prompts(examples, t, 64, 30, seed=2)
+    # preferences samples n prompts; evaluate takes every usable one, in a seeded order (its report shows the head)
+    select = (lambda seed: module.select_prompts(examples, t, 64, 30, seed=seed)) if stage == "preferences" else (
+        lambda seed: module.select_prompts(examples, t, 64, seed=seed)[:30])
+    picked, again, other = select(1), select(1), select(2)
     assert picked == again and picked != other and len(picked) == 30
     indices = sorted(examples.index(ex) for ex in picked)
     assert indices != list(range(30)) and indices[-1] > 200  # it reaches the end of the alphabet
@@ -144,7 +154,7 @@ def test_gold_labeler_keeps_each_prompts_completions_together(tmp_path, monkeypa
 
     raw = tiny_raw_params()
     raw["instructions"]["sources"] = [{"name": "python_qa", "kind": "builtin", "corpus": "python_qa", "limit": 200}]
-    raw["preferences"].update(labeler="gold", prompts=7, k=3, val_fraction=0.4, batch_size=4)  # batches cut across prompts
+    raw["preferences"].update(labeler="gold", prompts=7, k=3, val_fraction=0.3, test_fraction=0.3, batch_size=4)  # batches cut across prompts
     raw["preferences"]["sampling"]["max_new_tokens"] = 40
     params = parse_params(raw)
     texts = [m["content"] for ex in instructions.load(params.instructions, 0) for m in ex["messages"]]
@@ -159,7 +169,7 @@ def test_gold_labeler_keeps_each_prompts_completions_together(tmp_path, monkeypa
 
     monkeypatch.setattr(model_lib, "generate", echo)
     preferences.run(params, {"sft": tmp_path / "sft", "human_preferences": tmp_path / "none"}, {"preferences": tmp_path / "out"})
-    recs = [json.loads(line) for f in ("train", "val") for line in (tmp_path / "out" / f"{f}.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for f in ("train", "val", "test") for line in (tmp_path / "out" / f"{f}.jsonl").read_text().splitlines()]
     assert len(recs) == 7
     for r in recs:
         assert all(len(c) > 12 and r["prompt"].startswith(c) for c in r["completions"]), r

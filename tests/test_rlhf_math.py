@@ -240,18 +240,6 @@ def test_unfinished_responses_pay_the_missing_eos_penalty():
     assert hist[0]["reward_mean"] == pytest.approx(-1.5)
 
 
-def test_wilson_interval_matches_known_bounds():
-    from tasks.evaluate import win_rate
-
-    w = win_rate([1.0] * 5 + [0.0] * 5, [0.5] * 10)  # 5 wins of 10
-    # Wilson 95%: centre 0.5, half-width 1.96*sqrt(0.25/10 + 1.96^2/400)/(1 + 1.96^2/10)
-    half = 1.96 * math.sqrt(0.025 + 1.96**2 / 400) / (1 + 1.96**2 / 10)
-    assert (w["ci_low"], w["ci_high"]) == pytest.approx((0.5 - half, 0.5 + half), abs=1e-9)
-    assert (w["ci_low"], w["ci_high"]) == pytest.approx((0.2366, 0.7634), abs=1e-4)
-    zero = win_rate([0.0] * 10, [1.0] * 10)  # a Wald interval would collapse to [0, 0]
-    assert zero["ci_low"] == 0.0 and zero["ci_high"] == pytest.approx(0.2775, abs=1e-4)
-
-
 def test_sequences_and_response_mask_by_hand():
     x, mask = rl.sequences([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], pad_id=0, device="cpu")
     assert x.tolist() == [[5, 6, 7, 1, 2], [8, 3, 4, 9, 0]] and x.dtype == torch.long

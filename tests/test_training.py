@@ -83,6 +83,50 @@ def test_generation_stops_at_stop_token_and_samples_with_top_k_top_p():
         assert 7 not in seq[:-1] and len(seq) <= 10
 
 
+def test_generation_reports_the_entropy_a_separate_pass_computes():
+    """generate(entropy=...) against token_logprobs over the finished sequences (temperature 1),
+    with prompts of several lengths (left padding) and rows that stop at different steps."""
+    from tasks.lib.rl import sequences, token_logprobs
+
+    torch.manual_seed(3)
+    model = GPT(TINY).eval()
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10]]
+    ents: list[float] = []
+    out = generate(model, prompts, 6, pad_id=0, stop_ids=(7, 11), temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(1),
+                   entropy=ents)
+    assert len(ents) == sum(len(o) for o in out)
+    x, mask = sequences(prompts, out, 0, "cpu")
+    with torch.no_grad():
+        _, ent = token_logprobs(model, x)
+    want = [float(e) for row, m in zip(ent, mask) for e, keep in zip(row, m) if keep]
+    assert ents == pytest.approx(want, abs=1e-4)
+
+
+def test_sampler_draws_in_proportion_and_renormalises_the_nucleus():
+    """Frequencies of 20,000 draws against the distribution (inverse CDF) and against the
+    renormalised nucleus; a batch mixing rows whose nucleus fits the candidate set with a flat
+    row that does not gives each row its own distribution."""
+    from tasks.lib import model as model_lib
+    from tasks.lib.model import sample_next
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    gen = torch.Generator().manual_seed(0)
+    draws = sample_next(torch.log(probs).repeat(20000, 1), 1.0, None, None, gen)
+    freq = torch.bincount(draws, minlength=4).float() / 20000
+    assert freq.tolist() == pytest.approx(probs.tolist(), abs=0.012)
+    draws = sample_next(torch.log(probs).repeat(20000, 1), 1.0, None, 0.7, gen)
+    freq = torch.bincount(draws, minlength=4).float() / 20000
+    assert freq.tolist() == pytest.approx([0.5 / 0.8, 0.3 / 0.8, 0, 0], abs=0.012)
+    V = 3000  # more than the candidates looked at first
+    peaked = torch.full((V,), -30.0)
+    peaked[[5, 9]] = torch.tensor([0.0, -0.5])
+    flat = torch.zeros(V)
+    rows = torch.stack([peaked, flat] * 2000)
+    draws = sample_next(rows, 1.0, None, 0.9, gen)
+    assert set(draws[0::2].tolist()) == {5, 9}
+    assert len(set(draws[1::2].tolist())) > 500 and max(draws[1::2].tolist()) >= model_lib.NUCLEUS_CANDIDATES  # beyond the candidates
+
+
 def test_sft_prompt_tokens_carry_no_loss():
     from tasks.lib.template import Template
     from tasks.lib.instructions import masked_batch

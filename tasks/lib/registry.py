@@ -147,3 +147,46 @@ def download_checkpoint(model_uri: str) -> Path:
     if not found:
         raise FileNotFoundError(f"{model_uri}: no checkpoint (model.safetensors + config.json) in the registered model")
     return found[0]
+
+
+def resolve_uri(uri: str, warn=None) -> tuple[str, tuple[str, str]]:
+    """`models:/<name>@<alias>`, `models:/<name>/<version>` or `models:/<name>@latest` made
+    concrete: (`models:/<name>/<version>`, (name, version)). When the alias does not exist
+    (a fresh run may end with `challenger` and no `champion`: promotion must be earned), the
+    best version that exists is used, and `warn` (default: stderr) gets a line saying which
+    and why: the highest `eval.gold_score` among evaluated versions, else the newest."""
+    import re
+    import sys
+
+    m = re.fullmatch(r"models:/([^/@]+)(?:@([^/@]+)|/(\d+))", uri.strip())
+    if not m:
+        raise FileNotFoundError(f"{uri}: not a registered model URI (models:/<name>@<alias> or models:/<name>/<version>)")
+    name, alias, number = m.groups()
+    versions = _versions(name)
+    if not versions:
+        raise FileNotFoundError(f"{uri}: no registered model '{name}' in {mlflow.get_tracking_uri()} (run the pipeline first)")
+    if number is not None:
+        if number not in {str(v.version) for v in versions}:
+            raise FileNotFoundError(f"{uri}: '{name}' has no version {number} (it has {sorted(int(v.version) for v in versions)})")
+        return uri, (name, number)
+    if alias == "latest":
+        v = str(max(int(x.version) for x in versions))
+        return f"models:/{name}/{v}", (name, v)
+    found = alias_version(name, alias)
+    if found is not None:
+        return f"models:/{name}/{found}", (name, found)
+
+    def gold(v) -> float:
+        try:
+            return float(v.tags.get("eval.gold_score", "nan"))
+        except ValueError:
+            return float("nan")
+
+    scored = [v for v in versions if gold(v) == gold(v)]
+    best = max(scored, key=lambda v: (gold(v), int(v.version))) if scored else max(versions, key=lambda v: int(v.version))
+    why = f"eval.gold_score {gold(best):.4f}, the best of the evaluated versions" if scored else "the newest version; none was evaluated"
+    aliases = f", alias {', '.join(best.aliases)}" if getattr(best, "aliases", None) else ""
+    (warn or (lambda line: print(line, file=sys.stderr)))(
+        f"note: {uri} does not exist (no version of '{name}' has that alias{'; promotion must be earned' if alias == 'champion' else ''}); "
+        f"using the best that exists: models:/{name}/{best.version} ({why}{aliases})")
+    return f"models:/{name}/{best.version}", (name, str(best.version))
