@@ -74,4 +74,4 @@ mutants: setup
 	mutmut results --all true | python bench/mutation_score.py --min $(MUTATION_FLOOR)
 
 clean:
-	rm -rf data models reports checkpoints .prefect mlruns mlflow.db mlflow.db.lock mutants
+	rm -rf data models reports checkpoints .prefect mlruns mlflow.db mlflow.db.lock mlflow.db.registry.lock mutants

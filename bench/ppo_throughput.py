@@ -3,7 +3,7 @@
     python bench/ppo_throughput.py --preset gpt2-small --iters 4     # on a GPU
     python bench/ppo_throughput.py --preset cpu-tiny --iters 2       # on a CPU
 
-Runs `tasks.ppo.ppo_loop` (rollout with the KV cache, scoring, KL, GAE, clipped updates)
+Runs `tasks.lib.rl_loop.rl_loop` (algorithm ppo) (rollout with the KV cache, scoring, KL, GAE, clipped updates)
 with a policy, a frozen reference and a value model of the preset's size. The reward is
 planted (the share of one token in the response), so no reward model is needed. Prints the
 seconds per iteration, generated tokens per second and the speed-up against the fp32 run
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.train_throughput import PRESETS  # noqa: E402
 from tasks.config import PPO, load_params  # noqa: E402
 from tasks.lib.model import GPT, ScalarModel  # noqa: E402
-from tasks.ppo import ppo_loop  # noqa: E402
+from tasks.lib.rl_loop import rl_loop  # noqa: E402
 
 
 def measure(preset: str, iters: int, prompts_per_iter: int, new_tokens: int, bf16: bool) -> dict:
@@ -54,7 +54,7 @@ def measure(preset: str, iters: int, prompts_per_iter: int, new_tokens: int, bf1
                               "sampling": {**defaults["sampling"], "max_new_tokens": new_tokens},
                               "kl": {**defaults["kl"], "beta": 0.05, "adaptive": False}})
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    ppo_loop(policy, ref, value, score_fn, prompts, ppo, pad_id=0, stop_ids=(), seed=0, device=dev, on_iter=on_iter, autocast=autocast)
+    rl_loop(policy, ref, value, score_fn, prompts, ppo, pad_id=0, stop_ids=(), seed=0, device=dev, on_iter=on_iter, autocast=autocast)
     seconds = (stamps[-1] - stamps[0]) / iters  # from the end of the warm-up iteration
     return {"s_per_iter": seconds, "gen_tokens_per_s": sum(lengths[1:]) / (stamps[-1] - stamps[0]),
             "max_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None}

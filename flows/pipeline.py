@@ -25,6 +25,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -35,7 +36,7 @@ from prefect.cache_policies import NONE
 from tasks.config import load_params
 from tasks.lib.errors import StageError
 from tasks.lib.process import die_with_parent
-from tasks.lib.tracking import PARENT_ENV, ensure_store, flatten, git_commit, process_tags, reconcile_stale_runs, tracking_uri, wait_healthy
+from tasks.lib.tracking import PARENT_ENV, ensure_store, flatten, git_commit, process_tags, reconcile_stale_runs, redact, tracking_uri, wait_healthy
 
 SERVICE_WAIT_S = 20.0  # how long a server that is down is waited for before giving up
 
@@ -55,7 +56,7 @@ def ensure_prefect_api(wait_s: float = SERVICE_WAIT_S) -> str | None:
         return None
     err = wait_healthy(url, wait_s, "Prefect API", lambda m: print(f"warning: {m}", file=sys.stderr))
     if err is not None:
-        raise ServiceUnavailable(f"Prefect API {url} does not answer ({err}); start it (make services) or unset PREFECT_API_URL")
+        raise ServiceUnavailable(f"Prefect API {redact(url)} does not answer ({err}); start it (make services) or unset PREFECT_API_URL")
     return url
 
 
@@ -196,6 +197,9 @@ def pipeline(project: str = ".", params_file: str = "params.yaml", stages: list[
     cwd = Path.cwd()
     os.chdir(root)  # git commit of the project, not of wherever the flow was started
     try:
+        from tasks.stage import clean_all_stale
+
+        clean_all_stale(params)  # what killed writers left (DVC may restore their stages from its cache without running them)
         tags = {"pipeline": "true", **git_commit(), **process_tags()}
     finally:
         os.chdir(cwd)
@@ -221,19 +225,34 @@ def pipeline(project: str = ".", params_file: str = "params.yaml", stages: list[
 SUPERVISED = "GPT_PIPELINE_SUPERVISED"
 
 
-def supervise(argv: list[str]) -> int:
-    """Run the flow in a child process that dies with this one (PR_SET_PDEATHSIG). Whatever
-    stops the command a user started (Ctrl-C, SIGTERM, SIGKILL) then stops the flow, which
-    stops dvc, the stage and Prefect's temporary API server, and records the runs as killed."""
+def supervise(argv: list[str], grace_s: float = 30.0) -> int:
+    """Run the flow in a child process that dies with this one (PR_SET_PDEATHSIG), in a session
+    of its own: Ctrl-C in the terminal reaches only this process, which asks the child to stop
+    (SIGTERM). Sent to the whole foreground group, the same SIGINT used to kill Prefect's
+    temporary API server first, and the flow then waited minutes to report its end. The child
+    stops dvc and the stage, records the runs as killed and exits; if it has not within
+    `grace_s` seconds its whole group is killed. SIGKILL of this process stops the child too."""
     child = subprocess.Popen([sys.executable, "-m", "flows.pipeline", *argv], env={**os.environ, SUPERVISED: "1"},
-                             preexec_fn=die_with_parent)
+                             preexec_fn=die_with_parent, start_new_session=True)
+    stopping: list[float] = []
 
     def forward(signum, frame):  # noqa: ARG001
-        child.send_signal(signal.SIGTERM)
+        if not stopping:
+            stopping.append(time.time())
+            child.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    return child.wait()
+    while True:
+        try:
+            return child.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            if stopping and time.time() - stopping[0] > grace_s:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+                print("error: pipeline: stopped (killed after it did not stop within "
+                      f"{grace_s:.0f} s)", file=sys.stderr)
+                return 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,9 +269,17 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt("SIGTERM")
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    try:
+    try:  # bad arguments and params are one line each, before Prefect starts
+        root = Path(args.project).resolve()
+        if not (root / "dvc.yaml").is_file():
+            raise ValueError(f"--project {args.project}: no dvc.yaml there (the project's root folder)")
+        load_params(str(root / args.params))
+        order = dvc_stages(root)
+        unknown = [st for st in args.stages or [] if st not in order]
+        if unknown:
+            raise ValueError(f"--stages: unknown stage(s) {unknown}; dvc.yaml has {order}")
         ensure_services()
-    except ServiceUnavailable as e:
+    except (ServiceUnavailable, ValueError) as e:  # ConfigError is a ValueError
         print(f"error: pipeline: {e}", file=sys.stderr)
         return 2
     try:

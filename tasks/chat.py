@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tasks.chat", description="Talk to a trained model.")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="registered model URI, e.g. models:/rlhf@champion or models:/sft/2")
-    src.add_argument("--checkpoint", help="local checkpoint folder, e.g. models/rlhf")
+    src.add_argument("--checkpoint", help="local checkpoint folder, e.g. models/ppo")
     ap.add_argument("--prompt", action="append", help="answer this prompt and exit (repeatable)")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--temperature", type=float, default=0.7)

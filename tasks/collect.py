@@ -126,6 +126,9 @@ def _jsonl(path: str, src: FilesSource) -> Iterator[Record]:
             except json.JSONDecodeError:
                 yield rid, None, {"reason": "invalid_json"}
                 continue
+            except RecursionError:  # nested deeper than Python's parser goes: a broken or hostile record
+                yield rid, None, {"reason": "json_too_deep"}
+                continue
             if not isinstance(obj, dict) or src.text_field not in obj:
                 yield rid, None, {"reason": "missing_text_field"}
                 continue

@@ -93,6 +93,9 @@ class TrainConfig(Section):
 
 
 # ---------------------------------------------------------------- paths
+INPUT_ONLY_PATHS = ("human_preferences",)  # read by stages, written only by people (the labeling app)
+
+
 class Paths(Section):
     """Every input and output of every stage, written down once; dvc.yaml reads them as
     ${paths.<key>}. Validated so that no output can be the project itself, a parent of
@@ -112,13 +115,25 @@ class Paths(Section):
     sft: ProjectPath
     preferences: ProjectPath
     human_preferences: ProjectPath
+    labels: ProjectPath  # what the preferences stage depends on (written by the sources stage)
     reward: ProjectPath
-    rlhf: ProjectPath
+    ppo: ProjectPath
+    group_rl: ProjectPath
+    dpo: ProjectPath
     checkpoints: ProjectPath
+    output_roots: list[ProjectPath] = Field(min_length=1)  # every output lies in one of these folders
 
     @model_validator(mode="after")
     def _no_overlap(self) -> "Paths":
-        items = [(k, PurePosixPath(v)) for k, v in self.model_dump().items()]
+        roots = [PurePosixPath(r) for r in self.output_roots]
+        for k, v in self.model_dump().items():
+            if k in INPUT_ONLY_PATHS or k == "output_roots":
+                continue
+            p = PurePosixPath(v)
+            if not any(p == r or r in p.parents for r in roots):
+                raise ValueError(f"paths.{k} ({v}) is not inside an output folder (paths.output_roots: {', '.join(self.output_roots)}): "
+                                 "a stage replaces its outputs whole, so they may not be tracked files, the tracking store or code")
+        items = [(k, PurePosixPath(v)) for k, v in self.model_dump().items() if k != "output_roots"]
         for i, (ka, a) in enumerate(items):
             for kb, b in items[i + 1 :]:
                 if a == b:
@@ -427,21 +442,18 @@ class KLControl(Section):
     horizon: PosInt
 
 
-class PPO(Section):
+class RLCommon(Section):
+    """What the RL stages (ppo, group_rl) share: rollouts, the clipped policy update, the KL
+    term to the SFT reference, PPO-ptx."""
+
     steps: PosInt
     batch_prompts: Annotated[int, Field(ge=2)]
     sampling: Sampling
     ppo_epochs: PosInt
     minibatches: PosInt
     lr: PosFloat
-    value_lr: PosFloat
     clip: PosFloat
-    value_clip: PosFloat
-    vf_coef: NonNegFloat
     entropy_coef: NonNegFloat
-    gamma: Annotated[float, Field(gt=0, le=1)]
-    lam: Annotated[float, Field(ge=0, le=1)]
-    whiten_advantages: bool
     grad_clip: PosFloat
     kl: KLControl
     missing_eos_penalty: NonNegFloat  # subtracted from the score of a response that never ends its turn
@@ -451,12 +463,42 @@ class PPO(Section):
     compute: Compute
 
     @model_validator(mode="after")
-    def _full_support(self) -> "PPO":
+    def _full_support(self):
         # the ratio and the KL are computed on the whole (temperature-scaled) distribution;
         # nucleus sampling would draw from a truncated one and bias both
         if self.sampling.top_p != 1.0:
-            raise ValueError(f"ppo.sampling.top_p must be 1.0 (is {self.sampling.top_p}): PPO's log-probs refer to the full distribution")
+            raise ValueError(f"sampling.top_p must be 1.0 (is {self.sampling.top_p}): the RL log-probs refer to the full distribution")
         return self
+
+
+class PPO(RLCommon):
+    value_lr: PosFloat
+    value_clip: PosFloat
+    vf_coef: NonNegFloat
+    gamma: Annotated[float, Field(gt=0, le=1)]
+    lam: Annotated[float, Field(ge=0, le=1)]
+    whiten_advantages: bool
+
+
+class GroupRL(RLCommon):
+    """Critic-free RL: `group_size` samples per prompt, the group as the baseline (rloo:
+    leave-one-out mean; grpo: mean and standard deviation)."""
+
+    algorithm: Literal["rloo", "grpo"]
+    group_size: Annotated[int, Field(ge=2, le=64)]
+
+
+class DPO(Section):
+    """Direct Preference Optimization on the reward model's preference pairs (tasks/dpo.py)."""
+
+    beta: PosFloat
+    loss: Literal["sigmoid", "ipo"]
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=0.5)]
+    length_normalise: bool
+    kl_prompts: PosInt  # held-out prompts whose samples measure the KL to the reference
+    kl_max_new_tokens: PosInt
+    train: TrainConfig  # batch_size counts prompts: all pairs of a prompt share a batch
+    compute: Compute
 
 
 class Promotion(Section):
@@ -488,6 +530,7 @@ class Benchmark(Section):
 class Evaluate(Section):
     samples_per_prompt: PosInt
     sampling: Sampling
+    best_of_n: Annotated[int, Field(ge=2)]  # best-of-n: the RM's best of n SFT samples (n <= samples_per_prompt)
     sft_temperatures: list[NonNegFloat]  # SFT sampled at these too (0: greedy); its best is a baseline
     max_ci_half_width: Annotated[float, Field(gt=0.0, le=0.5)]  # the eval split must be big enough for it
     bootstrap_resamples: Annotated[int, Field(ge=200)]
@@ -498,6 +541,13 @@ class Evaluate(Section):
     benchmark: Benchmark
     promotion: Promotion
     compute: Compute
+
+    @model_validator(mode="after")
+    def _best_of_n(self) -> "Evaluate":
+        if self.best_of_n > self.samples_per_prompt:
+            raise ValueError(f"best_of_n ({self.best_of_n}) must not exceed samples_per_prompt ({self.samples_per_prompt}): "
+                             "it picks among the SFT samples already drawn")
+        return self
 
 
 # ---------------------------------------------------------------- operations
@@ -567,6 +617,8 @@ class Params(Section):
     preferences: Preferences
     reward: Reward
     ppo: PPO
+    group_rl: GroupRL
+    dpo: DPO
     evaluate: Evaluate
 
     @model_validator(mode="after")

@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.config import Params
+from tasks.lib.errors import StageError
 from tasks.lib.storage import DOC_SCHEMA, atomic_dir, read_shard_table, shard_files, source_folders, write_json
 
 STAGE = "dedup"
@@ -86,12 +87,15 @@ def sign_shard(task: SignTask) -> dict[str, Any]:
     np.save(work / f"nwords-{task.index:06d}.npy", nwords)
     # ground truth of generated documents (`meta.duplicate_of`): a 64-bit hash of the
     # original's id per row, so the reduce holds 8 bytes per document, not strings
-    truth, has_truth = [], False
+    truth, has_truth, id_hashes = [], False, []
     for doc_id, meta in zip(table.column("id").to_pylist(), table.column("meta").to_pylist()):
         dup = json.loads(meta).get("duplicate_of") if meta and '"duplicate_of"' in meta else None
         has_truth = has_truth or dup is not None
-        truth.append(xxhash.xxh3_64_intdigest(str(dup or doc_id).encode()))
+        own = xxhash.xxh3_64_intdigest(doc_id.encode())
+        id_hashes.append(own)
+        truth.append(xxhash.xxh3_64_intdigest(str(dup).encode()) if dup is not None else own)
     np.save(work / f"truth-{task.index:06d}.npy", np.array(truth, dtype=np.uint64))
+    np.save(work / f"ids-{task.index:06d}.npy", np.array(id_hashes, dtype=np.uint64))
     return {"docs": len(nwords), "has_truth": has_truth}
 
 
@@ -329,6 +333,17 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
 
         sig = ShardedRows(files("sig"), counts, cfg.num_perm, np.uint32)
         keys = ShardedRows(files("keys"), counts, cfg.bands, np.uint64)
+        # ids are the documents' identity downstream (the mix index, samples): two with one id
+        # mean a broken input, found here from 8-byte hashes, named from the shard
+        id_hash = gather("ids", np.zeros(0, np.uint64))
+        uniq, first, seen = np.unique(id_hash, return_index=True, return_counts=True)
+        if (seen > 1).any():
+            g = int(first[np.flatnonzero(seen > 1)[0]])
+            s_idx = int(np.searchsorted(offsets, g, side="right") - 1)
+            dup_id = read_shard_table(shards[s_idx][1], ["id"]).column("id")[g - int(offsets[s_idx])].as_py()
+            raise StageError(f"{int((seen - 1).sum())} document id(s) occur more than once in {inputs['filtered']}, e.g. {dup_id!r} "
+                             f"({shards[s_idx][1]}): ids must be unique; rerun the collect and quality stages")
+        del uniq, first, seen, id_hash
         exact = gather("exact", np.zeros((0, 2), np.uint64))
         nwords = gather("nwords", np.zeros(0, np.int64))
         source_of = np.repeat(np.arange(len(shards), dtype=np.int32), counts)

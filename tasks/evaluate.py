@@ -47,11 +47,12 @@ from tasks.lib.storage import atomic_dir, atomic_file, progress, write_json
 
 STAGE = "evaluate"
 PARAMS = ("seed", "instructions", "judge", "evaluate")
-INPUTS = ("base", "sft", "rlhf", "reward", "tokens", "mix", "dedup")
+INPUTS = ("base", "sft", "ppo", "group_rl", "dpo", "reward", "tokens", "mix", "dedup")
 OUTPUTS = ("report",)
-ALIGNED = ("rlhf",)  # models that compete for the champion alias
+ALIGNED = ("ppo", "group_rl", "dpo")  # every aligned method; they compete for the one champion alias of `rlhf`
 MODELS = ("base", "sft", *ALIGNED)
 BASELINES = ("constant", "prompt_copy", "reference")
+COMPARATORS = ("best_of_n", "sft_best_temperature")  # cheap ways to improve on SFT without training
 
 log = logging.getLogger(STAGE)
 
@@ -184,6 +185,17 @@ class Evaluator:
         return m
 
 
+def best_of(out: dict, n: int) -> dict[str, Any]:
+    """Best-of-n (Gao et al. 2023): per prompt, the one of the first n samples that the reward
+    model scores highest (the first of equals), as a one-sample result."""
+    k = out["samples"]
+    pick = out["rm"][:, :n].argmax(1)
+    rows = [i * k + int(j) for i, j in enumerate(pick)]
+    idx = np.arange(len(pick))
+    return {"gold": out["gold"][idx, pick][:, None], "rm": out["rm"][idx, pick][:, None], "texts": [out["texts"][r] for r in rows],
+            "finished": [out["finished"][r] for r in rows], "comp_ids": [out["comp_ids"][r] for r in rows], "samples": 1}
+
+
 def best_constant(judge, candidates: list[str], questions: list[str], references: list[str]) -> tuple[str, float]:
     """The candidate answer with the highest mean judge score over these prompts (ties: the
     first in sorted order), and that score."""
@@ -231,7 +243,7 @@ def score_plot(path: Path, outs: dict[str, dict]) -> None:  # pragma: no mutate 
 
 
 def markdown(metrics: dict, examples: list[dict], outs: dict[str, dict], n_samples: int) -> str:  # pragma: no mutate block (report layout)
-    rows = [*MODELS, "sft_best_temperature", *BASELINES]
+    rows = [*MODELS, *COMPARATORS, *BASELINES]
     lines = ["# Evaluation: every model and baseline, one judge", "",
              f"{metrics['prompts']} held-out prompts, {metrics['samples_per_prompt']} samples each (baselines: one answer). "
              "Win rate and score difference are paired per prompt over all samples, with 95% bootstrap intervals.", "",
@@ -374,26 +386,27 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
             sweep[temp] = ev.run(models["sft"], chat=True, name=f"sft T={temp}", temperature=temp, samples=1 if temp == 0 else None)
     best_temp = max(sweep, key=lambda T: (sweep[T]["gold"].mean(), -T))
     outs["sft_best_temperature"] = sweep[best_temp]
+    outs["best_of_n"] = best_of(outs["sft"], cfg.best_of_n)
     # 4-5. metrics and paired comparisons
     metrics: dict[str, Any] = {"prompts": len(examples), "samples_per_prompt": cfg.samples_per_prompt,
                                "max_ci_half_width": float(worst_case_half_width(len(examples))),
                                "coverage": instructions.coverage(examples), "models": {}, "baselines": {}, "comparisons": {},
                                "sft_temperature_sweep": {str(T): float(o["gold"].mean()) for T, o in sorted(sweep.items())},
                                "contamination": contamination}
-    for name in (*MODELS, "sft_best_temperature", *BASELINES):
+    for name in (*MODELS, *COMPARATORS, *BASELINES):
         m = ev.summary(outs[name])
         if dirty.any() and not dirty.all():
             m["gold_score_clean"] = float(outs[name]["gold"][~dirty].mean())
         (metrics["models"] if name in MODELS else metrics["baselines"])[name] = m
     metrics["baselines"]["sft_best_temperature"]["temperature"] = float(best_temp)
     seed = params.seed
-    for name in (*MODELS, "sft_best_temperature", *BASELINES):
+    for name in (*MODELS, *COMPARATORS, *BASELINES):
         if name != "sft":
             metrics["comparisons"][f"{name}_vs_sft"] = compare(outs[name]["gold"], outs["sft"]["gold"], seed, cfg.bootstrap_resamples)
     per_candidate = {}
     for name in ALIGNED:
         per_candidate[name] = {"sft": metrics["comparisons"][f"{name}_vs_sft"]}
-        for other in ("sft_best_temperature", *BASELINES):
+        for other in (*COMPARATORS, *BASELINES):
             c = compare(outs[name]["gold"], outs[other]["gold"], seed, cfg.bootstrap_resamples)
             metrics["comparisons"][f"{name}_vs_{other}"] = c
             per_candidate[name][other] = c
@@ -416,7 +429,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     metrics["constant_answer"] = constant
     # 7. report
     with atomic_dir(outputs["report"]) as rep:
-        shown = {n: outs[n] for n in (*MODELS, "sft_best_temperature", "constant", "reference")}
+        shown = {n: outs[n] for n in (*MODELS, "best_of_n", "constant", "reference")}
         score_plot(rep / "score_distributions.png", shown)
         with atomic_file(rep / "report.md") as fh:
             fh.write(markdown(metrics, examples, outs, cfg.samples_in_report))
@@ -425,7 +438,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
                                           for i, (q, r, d) in enumerate(zip(ev.questions, ev.references, dirty))])
         write_json(rep / "baselines.json", {"constant": constant, "sft_best_temperature": best_temp,
                                             "judge": jd.model_dump(), "contaminated_prompts": [q for q, d in zip(ev.questions, dirty) if d]})
-        for name in (*MODELS, *BASELINES):
+        for name in (*MODELS, *COMPARATORS, *BASELINES):
             write_json(rep / f"scores_{name}.json", [{"sample": i, "rm": float(r), "gold": float(g)}
                                                      for i, (r, g) in enumerate(zip(outs[name]["rm"].ravel(), outs[name]["gold"].ravel()))])
     # 8. registry

@@ -288,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     elif cmd in ("export", "import"):
         ap.add_argument("--format", required=True, choices=FORMATS)
         ap.add_argument("path", help="export: the folder to write; import: the tool's export (file or folder)")
+        if cmd == "import":
+            ap.add_argument("--all-responses", action="store_true",
+                            help="argilla: take every response, also drafts and discarded ones (for exports that do not say which were submitted)")
     args = ap.parse_args(argv)
     try:
         to_rank, out = (Path(args.to_rank) if args.to_rank else None), (Path(args.out) if args.out else None)
@@ -312,8 +315,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from tasks.lib import interop
 
-            fn = interop.import_label_studio if args.format == "label-studio" else interop.import_argilla
-            records = fn(Path(args.path))
+            if args.format == "label-studio":
+                records = interop.import_label_studio(Path(args.path))
+            else:
+                records = interop.import_argilla(Path(args.path), all_responses=args.all_responses)
             if not records:
                 raise StageError(f"{args.path}: no finished rankings in this {args.format} export")
             known = {it["id"]: it for it in load_items(to_rank)} if to_rank.is_file() else {}

@@ -33,7 +33,7 @@ from tasks.lib.storage import atomic_dir
 
 STAGE = "preferences"
 PARAMS = ("seed", "instructions", "judge", "preferences")
-INPUTS = ("sft", "human_preferences")
+INPUTS = ("sft", "labels")  # data/labels.json (the sources stage): the rankings file's hash in file mode, nothing else in gold
 OUTPUTS = ("preferences",)
 
 
@@ -156,7 +156,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     from tasks.lib.instructions import write_jsonl
 
     cfg = params.preferences
-    records = read_human(inputs["human_preferences"]) if cfg.labeler == "file" else sample_and_rank(params, inputs["sft"])
+    records = read_human(Path(params.paths.human_preferences)) if cfg.labeler == "file" else sample_and_rank(params, inputs["sft"])
     parts: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     for r in records:
         parts[split_of_prompt(r["id"], cfg.val_fraction, cfg.test_fraction)].append(r)

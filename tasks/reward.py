@@ -18,7 +18,6 @@ rewards and the value function initialised from it share one scale.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -37,28 +36,17 @@ OUTPUTS = ("reward", "checkpoints", "report")
 
 
 def load_prompts(path: Path, template, max_len: int) -> list[dict]:
-    """Per prompt: token ids of each completion as the RM reads it, and the ordered pairs
-    (none between completions a labeler tied, or whose judge scores are equal; none with a
-    completion a labeler flagged as unusable)."""
-    from tasks.lib.rankings import RankingError, check_labels, preference_pairs
+    """Per prompt: token ids of each completion as the RM reads it (prompt, completion, its
+    end of turn when it finished, the readout token), and the ordered pairs
+    (tasks/lib/rankings.py: read_pairs, the same pairs DPO learns from)."""
+    from tasks.lib.rankings import read_pairs
 
-    if not path.is_file():
-        raise StageError(f"{path}: missing (run the preferences stage first)")
     out = []
-    for lineno, line in enumerate(path.read_bytes().splitlines(), 1):
-        try:
-            r = json.loads(line.decode("utf-8"))
-            prompt = template.prompt(r["prompt"])
-            ranking, ties, flagged = check_labels(len(r["completions"]), r["ranking"], r.get("ties"), r.get("flagged"))
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, RankingError) as err:
-            raise StageError(f"{path}:{lineno}: not a preference record ({type(err).__name__}); rerun the preferences stage") from None
-        seqs = []
-        for text, fin in zip(r["completions"], r.get("finished", [True] * len(r["completions"]))):
-            comp = template.text_ids(text) + ([template.end_turn] if fin else [])
-            seqs.append(template.scored(prompt, comp, max_len))
-        pairs = preference_pairs(ranking, ties, flagged, r.get("scores"))
-        if pairs:
-            out.append({"seqs": seqs, "pairs": pairs})
+    for r in read_pairs(path):
+        prompt = template.prompt(r["prompt"])
+        seqs = [template.scored(prompt, template.text_ids(text) + ([template.end_turn] if fin else []), max_len)
+                for text, fin in zip(r["completions"], r["finished"])]
+        out.append({"seqs": seqs, "pairs": r["pairs"]})
     return out
 
 

@@ -1,4 +1,5 @@
-"""sources: a fingerprint of every collect source, so that new or changed data reruns collect.
+"""sources: a fingerprint of every input from outside DVC's view, so that new or changed data
+reruns exactly the stages that read it: collect's sources, and the human rankings.
 
     python -m tasks.sources            # what `dvc repro sources` runs (always: always_changed)
 
@@ -12,6 +13,11 @@ which changes only when a source does, so collect and everything after it rerun 
 - `hf` from a hub: the pinned `revision`, or the dataset's current commit asked from the hub
   (with no network it is recorded as unresolved and a warning says to pin `revision`).
 - `builtin`: a hash of the standard-library files the built-in corpora are read from.
+
+It also writes `data/labels.json`, what the preferences stage depends on instead of the
+rankings file itself: with `preferences.labeler: file` the SHA-256 of the rankings file
+(`paths.human_preferences`), with the judge (`gold`) only that, so saving a ranking in the
+labeling app does not make a judge-labelled run stale (DVC deps cannot depend on a mode).
 """
 
 from __future__ import annotations
@@ -28,9 +34,9 @@ from tasks.lib.errors import StageError
 from tasks.lib.storage import write_json
 
 STAGE = "sources"
-PARAMS = ("collect.sources",)
+PARAMS = ("collect.sources", "preferences.labeler")
 INPUTS: tuple[str, ...] = ()
-OUTPUTS = ("sources",)
+OUTPUTS = ("sources", "labels")
 
 log = logging.getLogger(STAGE)
 
@@ -74,9 +80,21 @@ def fingerprint(src: Any) -> dict[str, Any]:
     return {"kind": "builtin", "corpus": src.corpus, "python": sys.version.split()[0], "stdlib_sha256": stdlib_fingerprint()}
 
 
+def labels_fingerprint(labeler: str, rankings: Path) -> dict[str, Any]:
+    """What the preferences stage reads besides the SFT model: the rankings file only in file mode."""
+    if labeler != "file":
+        return {"labeler": labeler}
+    from tasks.lib.hashing import file_hash
+
+    if not rankings.is_file():
+        raise StageError(f"{rankings}: no such file (preferences.labeler is 'file'; rank with `python -m tasks.label --labeler NAME`)")
+    return {"labeler": labeler, "path": str(rankings), "sha256": file_hash(rankings)}
+
+
 def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict:
     listing = {src.name: fingerprint(src) for src in params.collect.sources}
     write_json(outputs["sources"], listing)
+    write_json(outputs["labels"], labels_fingerprint(params.preferences.labeler, Path(params.paths.human_preferences)))
     return {"sources": len(listing), "files": sum(len(v.get("files", [])) for v in listing.values())}
 
 

@@ -34,7 +34,7 @@ from typing import Any
 from tasks.config import ConfigError, Params, load_params, section_dict
 from tasks.lib.errors import StageError
 from tasks.lib.process import die_with_parent
-from tasks.lib.storage import write_json
+from tasks.lib.storage import check_output_paths, clean_stale, write_json
 
 EXIT_BAD_INPUT = 2
 
@@ -56,6 +56,21 @@ def resolve(params: Params, stage: str, keys: Sequence[str]) -> dict[str, Path]:
     return {k: Path(getattr(params.paths, PER_STAGE[k])) / stage if k in PER_STAGE else Path(getattr(params.paths, k)) for k in keys}
 
 
+def clean_all_stale(params: Params) -> None:
+    """What killed writers left beside any stage's outputs (temporaries, a previous output moved
+    aside): cleaned or put back at the start of every stage, not only by the stage that left
+    them, because DVC may restore a killed stage's outputs from its run cache without running it."""
+    from tasks.config import INPUT_ONLY_PATHS
+
+    folders = [Path(v) for k, v in params.paths.model_dump().items() if k not in INPUT_ONLY_PATHS and k != "output_roots"]
+    for base in (Path(params.paths.reports), Path(params.paths.checkpoints)):
+        if base.is_dir():
+            folders += [p for p in base.iterdir() if not p.name.startswith(".")]
+    for f in folders:
+        if f.parent.is_dir():
+            clean_stale(f)
+
+
 def metrics_path(params: Params, stage: str) -> Path:
     return Path(params.paths.reports) / f"{stage}.json"
 
@@ -66,6 +81,11 @@ def main(module: ModuleType, argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {stage} %(levelname)s %(message)s", stream=sys.stderr)
+    from tasks.lib.tracking import RedactFilter, redact
+
+    for handler in logging.getLogger().handlers:  # no credential of a server URI in any line
+        handler.addFilter(RedactFilter())
+    logging.captureWarnings(True)
     for noisy in ("mlflow", "alembic", "matplotlib", "urllib3", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     log = logging.getLogger(stage)
@@ -75,6 +95,8 @@ def main(module: ModuleType, argv: Sequence[str] | None = None) -> int:
     try:
         params = load_params(args.params)
         ins, outs = resolve(params, stage, module.INPUTS), resolve(params, stage, module.OUTPUTS)
+        check_output_paths({**outs, "metrics": metrics_path(params, stage)}, params.paths.output_roots, Path.cwd())
+        clean_all_stale(params)
         for name, p in ins.items():
             if not p.exists():
                 raise StageError(f"input '{name}' ({p}) does not exist: run the upstream stage first (dvc repro {stage})")
@@ -106,7 +128,25 @@ def main(module: ModuleType, argv: Sequence[str] | None = None) -> int:
         log.info("done in %.1f s; metrics in %s", seconds, report)
         return 0
     except (ConfigError, StageError) as err:
-        print(f"error: {stage}: {err}", file=sys.stderr)
+        print(f"error: {stage}: {redact(str(err))}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as err:  # noqa: BLE001 - only MLflow's failures are turned into a line; the rest is a bug to see whole
+        if type(err).__module__.split(".")[0] != "mlflow":
+            raise
+        from tasks.lib.tracking import tracking_uri
+
+        first = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+        print(f"error: {stage}: MLflow at {redact(tracking_uri())} failed while recording this run ({redact(first)}); "
+              "outputs already written stay, but DVC has not recorded the stage: rerun it once the tracking server answers "
+              "(the run left open is marked KILLED then)", file=sys.stderr)
+        return 1
+    except OSError as err:
+        from tasks.lib.storage import _NO_SPACE
+
+        if err.errno not in _NO_SPACE:
+            raise
+        print(f"error: {stage}: cannot write {err.filename or 'an output'}: {_NO_SPACE[err.errno]}; free space or fix the "
+              "folder's permissions, then rerun", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"error: {stage}: interrupted", file=sys.stderr)

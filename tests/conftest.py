@@ -57,7 +57,7 @@ def tiny_raw_params() -> dict:
     raw["ppo"].update(steps=2, batch_prompts=4, ckpt_every=1)
     raw["ppo"]["sampling"]["max_new_tokens"] = 8
     # about 18 held-out prompts: an interval up to +-0.5 wide is all they can promise
-    raw["evaluate"].update(samples_per_prompt=2, sft_temperatures=[0.0], max_ci_half_width=0.5, bootstrap_resamples=200)
+    raw["evaluate"].update(samples_per_prompt=2, best_of_n=2, sft_temperatures=[0.0], max_ci_half_width=0.5, bootstrap_resamples=200)
     raw["evaluate"]["sampling"]["max_new_tokens"] = 8
     for section in ("pretrain", "sft", "preferences", "reward", "ppo", "evaluate"):
         raw[section]["compute"]["device"] = "cpu"  # CPU tests stay on the CPU on a GPU machine too
@@ -118,7 +118,7 @@ def make_project(proj: Path, raw: dict | None = None) -> Path:
         shutil.copytree(REPO / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", proj / "dvc.yaml")
     (proj / "params.yaml").write_text(yaml.safe_dump(raw or tiny_raw_params(), sort_keys=False))
-    (proj / ".gitignore").write_text("mlflow.db\nmlflow.db.lock\nmlruns/\n__pycache__/\n")
+    (proj / ".gitignore").write_text("mlflow.db\nmlflow.db.lock\nmlflow.db.registry.lock\nmlruns/\n__pycache__/\n")
     git(proj, "init", "-q")
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=proj, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=proj, check=True)

@@ -323,7 +323,7 @@ KILLS = [  # (stage, when: seconds after start or a fault point, outputs to comp
     ("pretrain", "pretrain:2", ["models/base", "checkpoints/pretrain"]),  # during its second checkpoint write
     ("pretrain", 6.0, ["models/base"]),
     ("sft", 7.0, ["models/sft"]),
-    ("ppo", "ppo:1", ["models/rlhf"]),
+    ("ppo", "ppo:1", ["models/ppo"]),
 ]
 
 

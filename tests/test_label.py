@@ -96,11 +96,13 @@ def ids_in_both_splits(fraction: float) -> tuple[str, list[str]]:
     return val, train
 
 
-def test_preferences_on_human_rankings_reports_human_labels_and_agreement(tmp_path):
+def test_preferences_on_human_rankings_reports_human_labels_and_agreement(tmp_path, monkeypatch):
     from tasks.config import parse_params
 
+    monkeypatch.chdir(tmp_path)
     raw = tiny_raw_params()
     raw["preferences"].update(labeler="file", val_fraction=0.3, test_fraction=0.2)
+    raw["paths"]["human_preferences"] = "rankings.jsonl"
     params = parse_params(raw)
     by_split = {s: [f"p{i}" for i in range(100) if preferences.split_of_prompt(f"p{i}", 0.3, 0.2) == s] for s in ("train", "val", "test")}
     (t1, t2), val, test = by_split["train"][:2], by_split["val"][0], by_split["test"][0]
@@ -111,7 +113,8 @@ def test_preferences_on_human_rankings_reports_human_labels_and_agreement(tmp_pa
             {"id": val, "prompt": "q3", "completions": ["u", "v", "w"], "labeler": "carol", "ranking": [0, 1, 2], "flagged": [2]},
             {"id": test, "prompt": "q4", "completions": ["s", "t"], "labeler": "dave", "ranking": [1, 0]}]
     human = write_jsonl(tmp_path / "rankings.jsonl", rows)
-    m = preferences.run(params, {"sft": tmp_path / "none", "human_preferences": human}, {"preferences": tmp_path / "out"})
+    assert human == tmp_path / "rankings.jsonl"
+    m = preferences.run(params, {"sft": tmp_path / "none", "labels": tmp_path / "labels.json"}, {"preferences": tmp_path / "out"})
     assert (m["human_labels"], m["judge_labels"], m["labelers"], m["prompts"]) == (5, 0, 4, 5)
     assert (m["train_prompts"], m["val_prompts"], m["test_prompts"]) == (3, 1, 1)
     assert (m["pairs"], m["usable_pairs"], m["flagged_completions"]) == (11, 8, 1)
@@ -295,9 +298,9 @@ def test_bad_setups_fail_with_one_line_and_exit_2(files):
 
 def test_default_paths_come_from_params_yaml(tmp_path):
     raw = tiny_raw_params()
-    raw["paths"].update(preferences="prefs", human_preferences="mine/ranked.jsonl")
+    raw["paths"].update(preferences="data/prefs", human_preferences="mine/ranked.jsonl")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    write_jsonl(tmp_path / "prefs/to_rank.jsonl", ITEMS)
+    write_jsonl(tmp_path / "data/prefs/to_rank.jsonl", ITEMS)
     write_jsonl(tmp_path / "mine/ranked.jsonl", [{**ITEMS[1], "ranking": [0, 1, 2], "labeler": "bob"}])
     res = run_cli("status", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
@@ -400,16 +403,74 @@ def test_argilla_import_of_its_documented_records(files, tmp_path):
     assert (one["id"], one["ranking"], one["flagged"], one["ties"]) == ("python_qa/f0", [2, 0, 1], [1], [])
     assert (two["ranking"], two["ties"], two["flagged"]) == ([1, 0, 2], [[0, 2]], [])
     assert one["finished"] == [True, False, True]
-    bad = [({"ranking": [{"value": ["completion_1", "completion_2"], "user_id": U1}]}, "permutation"),
-           ({"ranking": [{"value": ["completion_1", "completion_9", "completion_2"], "user_id": U1}]}, "'completion_9' is not one of"),
-           ({"ranking": [{"value": "completion_1", "user_id": U1}]}, "a ranking value is a list"),
-           ({"ranking": [{"value": ["completion_1", "completion_2", "completion_3"]}]}, "needs 'value' and 'user_id'")]
+    ok = {"user_id": U1, "status": "submitted"}
+    bad = [({"ranking": [{"value": ["completion_1", "completion_2"], **ok}]}, "permutation"),
+           ({"ranking": [{"value": ["completion_1", "completion_9", "completion_2"], **ok}]}, "'completion_9' is not one of"),
+           ({"ranking": [{"value": "completion_1", **ok}]}, "a ranking value is a list"),
+           ({"ranking": [{"value": ["completion_1", "completion_2", "completion_3"]}]}, "needs 'value' and 'user_id'"),
+           ({"ranking": [{"value": ["completion_1", "completion_2", "completion_3"], "user_id": U1}]}, "says nothing of whether it was submitted")]
     for responses, msg in bad:
         (ds / "records.json").write_text(json.dumps([argilla_record(ITEMS[0], responses)]))
         with pytest.raises(RankingError, match=f"record 0, ranking response 0: .*{msg}"):
             interop.import_argilla(ds)
     with pytest.raises(RankingError, match="no such file"):
         interop.import_argilla(tmp_path)
+
+
+def offline_argilla():
+    """Argilla's SDK with a client that has no server: its parsing and serialisation are the
+    real SDK's; nothing here sends a request (a call that did would fail on None)."""
+    rg = pytest.importorskip("argilla")
+
+    class NoServer:
+        def __getattr__(self, name):
+            return None
+
+    client = rg.Argilla.__new__(rg.Argilla)
+    client.api = NoServer()
+    rg.Argilla._set_default(client)
+    return rg
+
+
+def test_argilla_round_trip_with_the_real_sdk(files, tmp_path):
+    """Our export is a dataset the SDK loads (its DatasetModel, Settings and Record parsers);
+    the SDK's own exports of ranked records come back with only the submitted responses and
+    with ties, and its to_disk records (no response status) are refused unless asked."""
+    import dataclasses  # noqa: F401
+
+    rg = offline_argilla()
+    from argilla._models import DatasetModel
+    from argilla.records._io._generic import GenericIO
+    from argilla.records._io._json import JsonIO
+
+    to_rank, out = files
+    assert label.main(["export", "--format", "argilla", "--to-rank", str(to_rank), "--out", "x", str(tmp_path / "ds")]) == 0
+    DatasetModel(**json.loads((tmp_path / "ds/.argilla/dataset.json").read_text()))  # "status": null was refused here
+    settings = rg.Settings.from_json(str(tmp_path / "ds/.argilla/settings.json"))
+    assert [q.name for q in settings.questions] == ["ranking", "flagged"]
+    assert [r.fields["completion_2"] for r in JsonIO._records_from_json(tmp_path / "ds/records.json")] == [it["completions"][1] for it in ITEMS]
+
+    fields = {"prompt": ITEMS[0]["prompt"], **{f"completion_{i + 1}": c for i, c in enumerate(ITEMS[0]["completions"])}}
+    responses = [rg.Response("ranking", ["completion_3", "completion_1", "completion_2"], user_id=U1, status="submitted"),
+                 rg.Response("ranking", [{"value": "completion_2", "rank": 1}, {"value": "completion_1", "rank": 1},
+                                         {"value": "completion_3", "rank": 2}], user_id=U2, status="submitted"),
+                 rg.Response("ranking", ["completion_1", "completion_2", "completion_3"], user_id=U3, status="draft"),
+                 rg.Response("flagged", ["completion_2"], user_id=U1, status="submitted")]
+    discarded = rg.Record(fields={**fields}, id="python_qa/f1",
+                          responses=[rg.Response("ranking", ["completion_1", "completion_2", "completion_3"], user_id=U1, status="discarded")])
+    records = [rg.Record(fields=fields, id=ITEMS[0]["id"], responses=responses), discarded]
+    flat = tmp_path / "flat.json"
+    flat.write_text(json.dumps(GenericIO.to_list(records, flatten=True)))
+    assert label.main(["import", "--format", "argilla", "--to-rank", str(to_rank), "--out", str(out), str(flat)]) == 0
+    got = {r["labeler"]: r for r in RankingStore(out).read()}
+    assert set(got) == {f"argilla:{U1}", f"argilla:{U2}"}  # 2 submitted of 4 responses: no draft, no discarded one
+    assert (got[f"argilla:{U1}"]["ranking"], got[f"argilla:{U1}"]["flagged"]) == ([2, 0, 1], [1])
+    assert got[f"argilla:{U2}"]["ties"] == [[1, 0]] and got[f"argilla:{U2}"]["ranking"][:2] == [1, 0]
+    nested = tmp_path / "records.json"
+    JsonIO.to_json(records, nested)  # what Dataset.to_disk writes: no response says its status
+    with pytest.raises(RankingError, match="says nothing of whether it was submitted"):
+        interop.import_argilla(nested)
+    assert len(interop.import_argilla(nested, all_responses=True)) == 4  # asked for: every response
 
 
 def test_export_then_import_round_trip_feeds_the_preferences_stage(files, tmp_path):

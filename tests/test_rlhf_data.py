@@ -98,7 +98,7 @@ def test_gold_labeler_samples_k_and_ranks_them(tmp_path):
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "sft", GPT(ModelConfig(vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, d_model=16, max_seq_len=96)),
                     tmp_path / "tok", {"chat": True})
-    m = preferences.run(params, {"sft": tmp_path / "sft", "human_preferences": tmp_path / "none"}, {"preferences": tmp_path / "out"})
+    m = preferences.run(params, {"sft": tmp_path / "sft", "labels": tmp_path / "none"}, {"preferences": tmp_path / "out"})
     assert m["prompts"] == 10 and m["pairs"] == 30 and m["k_mean"] == 3
     assert (m["judge_labels"], m["human_labels"], m["labelers"]) == (10, 0, 1)
     to_rank = [json.loads(line) for line in (tmp_path / "out/to_rank.jsonl").read_text().splitlines()]  # for the labeling app
@@ -168,7 +168,7 @@ def test_gold_labeler_keeps_each_prompts_completions_together(tmp_path, monkeypa
         return [p[2:-2][:max_new_tokens] for p in prompts]
 
     monkeypatch.setattr(model_lib, "generate", echo)
-    preferences.run(params, {"sft": tmp_path / "sft", "human_preferences": tmp_path / "none"}, {"preferences": tmp_path / "out"})
+    preferences.run(params, {"sft": tmp_path / "sft", "labels": tmp_path / "none"}, {"preferences": tmp_path / "out"})
     recs = [json.loads(line) for f in ("train", "val", "test") for line in (tmp_path / "out" / f"{f}.jsonl").read_text().splitlines()]
     assert len(recs) == 7
     for r in recs:

@@ -212,7 +212,7 @@ def test_sampling_stays_inside_top_k_and_the_nucleus():
 
 # ------------------------------------------------------------------ the PPO loop
 def test_ppo_ratio_is_exactly_one_before_the_first_update_with_dropout_and_temperature():
-    from tasks.ppo import ppo_loop
+    from tasks.lib.rl_loop import rl_loop
 
     torch.manual_seed(0)
     dropped = ModelConfig(**{**TINY.__dict__, "dropout": 0.3})
@@ -221,21 +221,21 @@ def test_ppo_ratio_is_exactly_one_before_the_first_update_with_dropout_and_tempe
     cfg = conf("ppo", steps=1, batch_prompts=8, ppo_epochs=1, minibatches=1, lr=1e-30, value_lr=1e-30,
                sampling={"max_new_tokens": 6, "temperature": 0.7, "top_p": 1.0},
                kl={"beta": 0.1, "adaptive": False, "target": 2.0, "horizon": 64})
-    hist = ppo_loop(policy, ref, value, lambda p, r, i: torch.zeros(len(r)), [[1, 2, 3 + i] for i in range(8)], cfg,
+    hist = rl_loop(policy, ref, value, lambda p, r, i: torch.zeros(len(r)), [[1, 2, 3 + i] for i in range(8)], cfg,
                     pad_id=0, stop_ids=(), seed=0, device=torch.device("cpu"))
     assert hist[0]["approx_kl"] == pytest.approx(0.0, abs=1e-12) and hist[0]["clip_fraction"] == 0.0
     assert hist[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at the start
 
 
 def test_unfinished_responses_pay_the_missing_eos_penalty():
-    from tasks.ppo import ppo_loop
+    from tasks.lib.rl_loop import rl_loop
 
     torch.manual_seed(0)
     policy, ref, value = GPT(TINY), GPT(TINY), ScalarModel(TINY)
     ref.load_state_dict(policy.state_dict())
     cfg = conf("ppo", steps=1, batch_prompts=8, ppo_epochs=1, minibatches=1, missing_eos_penalty=1.5,
                sampling={"max_new_tokens": 3, "temperature": 1.0, "top_p": 1.0})
-    hist = ppo_loop(policy, ref, value, lambda p, r, i: torch.zeros(len(r)), [[1, 2, 3 + i] for i in range(8)], cfg,
+    hist = rl_loop(policy, ref, value, lambda p, r, i: torch.zeros(len(r)), [[1, 2, 3 + i] for i in range(8)], cfg,
                     pad_id=0, stop_ids=(), seed=0, device=torch.device("cpu"))  # no stop token: nothing finishes
     assert hist[0]["reward_mean"] == pytest.approx(-1.5)
 

@@ -178,7 +178,7 @@ def test_reward_model_learns_a_planted_preference():
 def test_ppo_raises_a_planted_reward_with_bounded_kl(device):
     import contextlib
 
-    from tasks.ppo import ppo_loop
+    from tasks.lib.rl_loop import rl_loop
 
     torch.manual_seed(0)
     policy = GPT(TINY).to(device)
@@ -194,7 +194,7 @@ def test_ppo_raises_a_planted_reward_with_bounded_kl(device):
     cfg = conf("ppo", steps=30, batch_prompts=16, sampling={"max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0}, ppo_epochs=2,
                minibatches=2, lr=3e-3, value_lr=3e-3, kl={"beta": 0.01, "adaptive": False, "target": 2.0, "horizon": 1000})
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
-    hist = ppo_loop(policy, ref, value, score_fn, prompts, cfg, pad_id=0, stop_ids=(), seed=0, device=torch.device(device), autocast=autocast)
+    hist = rl_loop(policy, ref, value, score_fn, prompts, cfg, pad_id=0, stop_ids=(), seed=0, device=torch.device(device), autocast=autocast)
     start = sum(h["reward_mean"] for h in hist[:5]) / 5
     end = sum(h["reward_mean"] for h in hist[-5:]) / 5
     assert end > start + 0.3, (start, end)
@@ -220,9 +220,9 @@ def _tiny_ppo(steps=4, perturb=False, **kw):
     prompts = [[1, 2, 3 + i % 5] for i in range(8)]
     cfg = conf("ppo", steps=steps, batch_prompts=4, sampling={"max_new_tokens": 4, "temperature": 1.0, "top_p": 1.0}, ppo_epochs=1,
                minibatches=2, lr=3e-3, value_lr=3e-3, **kw)
-    from tasks.ppo import ppo_loop
+    from tasks.lib.rl_loop import rl_loop
 
-    return policy, value, lambda **k: ppo_loop(policy, ref, value, score_fn, prompts, cfg, pad_id=0, stop_ids=(), seed=0,
+    return policy, value, lambda **k: rl_loop(policy, ref, value, score_fn, prompts, cfg, pad_id=0, stop_ids=(), seed=0,
                                                device=torch.device("cpu"), **k)
 
 
@@ -390,7 +390,7 @@ def test_ppo_scores_penalise_unfinished_responses_and_know_their_prompts():
     """One PPO iteration: the scorer gets each response with its own prompt and that prompt's
     index; a response that never reaches a stop token loses missing_eos_penalty, so the
     iteration's reward_mean is 0.5 - 2.0 x (share unfinished)."""
-    from tasks.ppo import ppo_loop
+    from tasks.lib.rl_loop import rl_loop
 
     torch.manual_seed(0)
     policy, ref, value = GPT(TINY), GPT(TINY), ScalarModel(TINY)
@@ -405,7 +405,7 @@ def test_ppo_scores_penalise_unfinished_responses_and_know_their_prompts():
     cfg = conf("ppo", steps=1, batch_prompts=4, sampling={"max_new_tokens": 6, "temperature": 1.0, "top_p": 1.0}, ppo_epochs=1,
                minibatches=1, missing_eos_penalty=2.0, kl={"beta": 0.0, "adaptive": False, "target": 2.0, "horizon": 1000})
     stop = tuple(range(0, 40, 3))  # about a third of the vocabulary stops: some responses end, some do not
-    (row,) = ppo_loop(policy, ref, value, score_fn, prompts, cfg, pad_id=0, stop_ids=stop, seed=0, device=torch.device("cpu"))
+    (row,) = rl_loop(policy, ref, value, score_fn, prompts, cfg, pad_id=0, stop_ids=stop, seed=0, device=torch.device("cpu"))
     (batch_prompts, idx), = calls
     assert len(idx) == 4 and [prompts[i] for i in idx] == batch_prompts
     assert 0 < row["finished_fraction"] < 1

@@ -95,9 +95,14 @@ class Executor:
                                              initializer=_worker_init)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            if exc_type is not None and not issubclass(exc_type, Exception):  # Ctrl-C, SIGTERM: stop the workers now
+                for proc in list((self._pool._processes or {}).values()):
+                    proc.terminate()
+                self._pool.shutdown(wait=False, cancel_futures=True)
+            else:
+                self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
     def map(self, fn: Callable[..., Any], items: Iterable[Any], unit: str = "shard") -> list[Any]:
@@ -116,7 +121,7 @@ class Executor:
                         out.append(fn(it))
                         bar.update(1)
                 return out
-            futures = [self._pool.submit(fn, it) for it in items]
+            futures = self._submit(fn, items)
             out = []
             for f in futures:  # in order: the stage combines results deterministically
                 out.append(f.result())
@@ -124,6 +129,22 @@ class Executor:
             return out
         finally:
             bar.close()
+
+    def _submit(self, fn, items) -> list:
+        """Submit every item. The workers start at the first submission and inherit an ignored
+        SIGINT: Ctrl-C in the terminal reaches the whole process group, and a worker still
+        importing would print a KeyboardInterrupt traceback of its own; the stage handles it
+        and stops them (and PR_SET_PDEATHSIG stops them if it dies)."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return [self._pool.submit(fn, it) for it in items]
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            return [self._pool.submit(fn, it) for it in items]
+        finally:
+            signal.signal(signal.SIGINT, old)
 
     def _map_ray(self, fn, items, bar) -> list[Any]:
         import ray

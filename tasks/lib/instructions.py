@@ -111,6 +111,8 @@ def _records(src: Any) -> Iterator[dict]:
                     raise StageError(f"{f}:{lineno}: not valid UTF-8 (byte {err.start})") from None
                 except json.JSONDecodeError as err:
                     raise StageError(f"{f}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+                except RecursionError:
+                    raise StageError(f"{f}:{lineno}: JSON nested too deeply to read") from None
                 if not isinstance(rec, dict):
                     raise StageError(f"{f}:{lineno}: expected a JSON object, got {type(rec).__name__}")
                 yield rec

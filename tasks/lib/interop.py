@@ -19,14 +19,21 @@ annotation (`was_cancelled`) is skipped; the labeler is the annotator's email wh
 export has it (`completed_by: {"email"}`), else `label-studio:<user id>`. Label Studio's
 Ranker has no ties: they come only from this app and Argilla.
 
-**Argilla 2.x** (`Dataset.to_disk` / `from_disk` layout): `records.json` is a list of
-records `{"id", "fields": {"prompt", "completion_1".."completion_K"}, "metadata",
-"suggestions", "responses", "vectors"}` and `.argilla/settings.json` declares the text
-fields, a `RankingQuestion` named `ranking` over the options `completion_1..K` and a
-multi-label question `flagged`. A response is `{"value", "user_id", "status"}`; a ranking
-value is the option names best first (the SDK's form) or `[{"value", "rank"}]` (the API's
-form, where equal ranks are ties). Only `submitted` responses (or ones without a status)
-are imported; the labeler is `argilla:<user_id>`.
+**Argilla 2.x** (`Dataset.to_disk` / `from_disk` layout, checked against the 2.8 SDK):
+`records.json` is a list of records `{"id", "fields": {"prompt", "completion_1".."completion_K"},
+"metadata", "suggestions", "responses", "vectors"}`, `.argilla/dataset.json` the dataset
+(`status: draft` until the server publishes it) and `.argilla/settings.json` declares the
+text fields, a `RankingQuestion` named `ranking` over the options `completion_1..K` and a
+multi-label question `flagged`. A ranking value is the option names best first (the SDK's
+form) or `[{"value", "rank"}]` (the API's form, where equal ranks are ties).
+
+Only submitted responses are rankings. The SDK's `to_disk` drops each response's status
+(its `records.json` holds `{"value", "user_id"}` only), so from such a file drafts and
+discarded responses cannot be told from answers: import the flat export instead,
+`json.dump(dataset.records(with_responses=True).to_list(flatten=True), open("argilla.json", "w"))`,
+whose `ranking.responses`, `.users` and `.status` columns say it (records written by other
+tools with a `status` in each response are read too), or pass `all_responses=True`
+(`--all-responses`) to take every response. The labeler is `argilla:<user_id>`.
 
 Nothing here reads params.yaml; bad input raises RankingError naming the file and the task
 or record.
@@ -183,7 +190,7 @@ def export_argilla(items: list[dict], out: Path) -> list[Path]:
     records = [{"id": it["id"], "fields": {"prompt": it["prompt"], **{_option(i): c for i, c in enumerate(it["completions"])}},
                 "metadata": {}, "suggestions": {}, "responses": {}, "vectors": {}, "_server_id": None} for it in items]
     dataset = {"id": None, "name": "gpt-pipeline-preferences", "guidelines": GUIDELINES, "allow_extra_metadata": False,
-               "distribution": {"strategy": "overlap", "min_submitted": 1}, "status": None, "workspace_id": None}
+               "distribution": {"strategy": "overlap", "min_submitted": 1}, "status": "draft", "workspace_id": None}
     with atomic_dir(out) as tmp:
         (tmp / ".argilla").mkdir()
         (tmp / ".argilla/settings.json").write_text(json.dumps(_argilla_settings(k), indent=1) + "\n", encoding="utf-8")
@@ -211,14 +218,32 @@ def _argilla_ranking(value: Any, k: int, where: str) -> tuple[list[int], list[li
     return ranking, [g for g in ties if len(g) > 1]
 
 
-def import_argilla(path: Path) -> list[dict]:
-    """Rankings from an Argilla export: a `to_disk` folder or its records.json."""
+def _flat_to_nested(rec: dict, where: str) -> dict:
+    """A record of `to_list(flatten=True)` (fields at the top, `<question>.responses`, `.users`
+    and `.status` as parallel lists) in the nested form, each response with its status."""
+    fields = {k: v for k, v in rec.items() if k == "prompt" or k.startswith("completion_")}
+    responses: dict[str, list] = {}
+    for q in ("ranking", "flagged"):
+        values = rec.get(f"{q}.responses") or []
+        users = rec.get(f"{q}.responses.users") or []
+        status = rec.get(f"{q}.responses.status") or [None] * len(values)
+        if not (isinstance(values, list) and isinstance(users, list) and isinstance(status, list) and len(values) == len(users) == len(status)):
+            raise RankingError(f"{where}: '{q}.responses', '.users' and '.status' must be lists of one length")
+        responses[q] = [{"value": v, "user_id": u, "status": st} for v, u, st in zip(values, users, status)]
+    return {"id": rec.get("id"), "fields": fields, "responses": responses}
+
+
+def import_argilla(path: Path, all_responses: bool = False) -> list[dict]:
+    """Rankings from an Argilla export: a `to_disk` folder, its records.json, or the flat
+    `to_list(flatten=True)` list; only submitted responses unless `all_responses`."""
     path = Path(path)
     file = path / "records.json" if path.is_dir() else path
     records = _json_list(file, "records (Argilla's records.json)", missing="an Argilla to_disk folder holds records.json")
     out = []
     for n, rec in enumerate(records):
         where = f"{file}: record {n}"
+        if isinstance(rec, dict) and "fields" not in rec and "prompt" in rec:
+            rec = _flat_to_nested(rec, where)
         fields = rec.get("fields") if isinstance(rec, dict) else None
         if not (isinstance(fields, dict) and isinstance(fields.get("prompt"), str)):
             raise RankingError(f"{where}: needs 'fields' with a 'prompt'")
@@ -228,13 +253,19 @@ def import_argilla(path: Path) -> list[dict]:
         responses = rec.get("responses") or {}
         if not isinstance(responses, dict):
             raise RankingError(f"{where}: 'responses' must map question names to lists of responses")
-        flags_by_user = {str(r.get("user_id")): r.get("value") or [] for r in responses.get("flagged") or [] if isinstance(r, dict)}
+        flags_by_user = {str(r.get("user_id")): r.get("value") or [] for r in responses.get("flagged") or []
+                         if isinstance(r, dict) and (all_responses or r.get("status") == "submitted")}
         for m, resp in enumerate(responses.get("ranking") or []):
             at = f"{where}, ranking response {m}"
             if not isinstance(resp, dict) or resp.get("user_id") is None:
                 raise RankingError(f"{at}: needs 'value' and 'user_id'")
-            if resp.get("status") not in (None, "submitted"):
-                continue
+            if not all_responses:
+                if "status" not in resp or resp["status"] is None:
+                    raise RankingError(f"{at}: says nothing of whether it was submitted (Argilla's Dataset.to_disk drops each "
+                                       "response's status): export with dataset.records(with_responses=True).to_list(flatten=True) "
+                                       "as JSON, or import with --all-responses to take drafts and discarded responses too")
+                if resp["status"] != "submitted":
+                    continue
             ranking, ties = _argilla_ranking(resp.get("value"), len(comps), at)
             user = str(resp["user_id"])
             flagged = flags_by_user.get(user, [])

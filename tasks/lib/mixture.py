@@ -38,12 +38,19 @@ def read_index(mix_dir: Path, dedup_dir: Path) -> dict[str, list[tuple[Path, np.
         bounds = np.searchsorted(which[by_shard], np.arange(len(names) + 1))
         rows, counts, val = (t.column(c).to_numpy(zero_copy_only=False) for c in ("row", "train_count", "val"))
         entries = []
+        root = Path(dedup_dir).resolve()
         for k in sorted(range(len(names)), key=names.__getitem__):  # shard names sort in shard order
             name, sel = names[k], by_shard[bounds[k] : bounds[k + 1]]
             path = Path(dedup_dir) / name
+            if name is None or root not in path.resolve().parents:  # an index must not lead to the raw crawl or elsewhere
+                raise StageError(f"{f}: names a shard {name!r} outside {dedup_dir}: not an index the mix stage wrote (run mix again)")
             if not path.is_file():
                 raise StageError(f"{f}: refers to {path}, which does not exist (run dedup and mix again)")
             n = shard_rows(path)
+            r = rows[sel]
+            if len(r) and (int(r.min()) < 0 or int(r.max()) >= n):
+                raise StageError(f"{f}: row {int(r.max()) if int(r.max()) >= n else int(r.min())} of {name}, which has {n} rows "
+                                 "(run dedup and mix again)")
             c, v = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool)
             c[rows[sel]], v[rows[sel]] = counts[sel], val[sel]
             entries.append((path, c, v))

@@ -4,7 +4,7 @@
     model.predict(["What does `json.dumps` do?"], params={"max_new_tokens": 64, "temperature": 0.7})
 
 Input: prompts (a list of strings, or a DataFrame with a `prompt` column). Output: one
-completion per prompt: answers for chat models (sft, rlhf), continuations for the base
+completion per prompt: answers for chat models (sft and the aligned ones), continuations for the base
 model. Params (the signature's defaults): `max_new_tokens` 64, `temperature` 0.0 (greedy),
 `top_p` 1.0, `seed` 0.
 """

@@ -139,6 +139,8 @@ def read_jsonl(path: Path, parse=parse_record) -> list[dict]:
             rec = json.loads(line)
         except json.JSONDecodeError as err:
             raise RankingError(f"{path}:{n}: not JSON ({err.msg})") from None
+        except RecursionError:
+            raise RankingError(f"{path}:{n}: JSON nested too deeply to read") from None
         try:
             out.append(parse(rec))
         except RankingError as err:
@@ -163,6 +165,32 @@ def preference_pairs(ranking: list[int], ties=(), flagged=(), scores=None) -> li
         if scores is not None and scores[a] == scores[b]:
             continue
         out.append((a, b) if rank[a] < rank[b] else (b, a))
+    return out
+
+
+def read_pairs(path: Path) -> list[dict]:
+    """What the reward model and DPO train on, from a preferences file (train/val/test.jsonl):
+    per prompt with at least one usable pair, {"prompt", "completions", "finished", "pairs":
+    [(better, worse), ...]} (the C(K,2) pairs less ties, flagged completions and equal judge
+    scores). One reader for both, so they learn from exactly the same pairs."""
+    import json
+
+    if not Path(path).is_file():
+        raise StageError(f"{path}: missing (run the preferences stage first)")
+    out = []
+    for lineno, line in enumerate(Path(path).read_bytes().splitlines(), 1):
+        try:
+            r = json.loads(line.decode("utf-8"))
+            k = len(r["completions"])
+            ranking, ties, flagged = check_labels(k, r["ranking"], r.get("ties"), r.get("flagged"))
+            finished = r.get("finished", [True] * k)
+            if not (isinstance(r["prompt"], str) and all(isinstance(c, str) for c in r["completions"]) and len(finished) == k):
+                raise TypeError("prompt, completions or finished")
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError, RankingError) as err:
+            raise RankingError(f"{path}:{lineno}: not a preference record ({type(err).__name__}); rerun the preferences stage") from None
+        pairs = preference_pairs(ranking, ties, flagged, r.get("scores"))
+        if pairs:
+            out.append({"prompt": r["prompt"], "completions": list(r["completions"]), "finished": [bool(f) for f in finished], "pairs": pairs})
     return out
 
 

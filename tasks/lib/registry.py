@@ -88,25 +88,59 @@ def signature():
 def register_checkpoint(name: str, folder: Path, tags: dict[str, str]) -> str | None:
     """Register `folder` as a version of `name`, logged in the active run; when these exact
     weights are registered already, return that version and add nothing. None without an
-    active run."""
+    active run.
+
+    Idempotent under kills and races: the version is created with its `checkpoint.sha256`
+    tag in the same call (a kill cannot leave an untagged version); registrations of one
+    local store are serialised by a file lock; against a server, a registration that finds a
+    version of the same weights older than its own afterwards (two at the same moment)
+    deletes its own and returns the older one, so both end with one version."""
     if mlflow.active_run() is None:
         return None
     sha = checkpoint_sha(folder)
-    existing = version_by_sha(name, sha)
-    if existing is not None:
-        log.info("%s: these weights are version %s already; nothing registered", name, existing)
-        return existing
-    code = Path(__file__).resolve().parents[1]
-    with warnings.catch_warnings():
-        # log_model installs its own "once" filter in front of any of ours, then advises in
-        # ANSI colours (type hints; an input example, which would load the model once more):
-        # the advice goes to the debug log instead of every training stage's output
-        warnings.showwarning = lambda message, *args, **kwargs: log.debug("mlflow: %s", message)
-        info = _log(name, folder, code)
-    version = str(info.registered_model_version)
-    tag_version(name, version, {**tags, "checkpoint.sha256": sha})
+    with _registry_lock():
+        existing = version_by_sha(name, sha)
+        if existing is not None:
+            log.info("%s: these weights are version %s already; nothing registered", name, existing)
+            return existing
+        code = Path(__file__).resolve().parents[1]
+        with warnings.catch_warnings():
+            # log_model installs its own "once" filter in front of any of ours, then advises in
+            # ANSI colours (type hints; an input example, which would load the model once more):
+            # the advice goes to the debug log instead of every training stage's output
+            warnings.showwarning = lambda message, *args, **kwargs: log.debug("mlflow: %s", message)
+            info = _log(name, folder, code)
+            mv = mlflow.register_model(info.model_uri, name, tags={**{k: str(v) for k, v in tags.items()}, "checkpoint.sha256": sha})
+        version = str(mv.version)
+        oldest = version_by_sha(name, sha)
+        if oldest is not None and oldest != version:  # another process registered the same weights meanwhile
+            mlflow.MlflowClient().delete_model_version(name, version)
+            log.info("%s: version %s of these weights was registered at the same moment; kept it, removed %s", name, oldest, version)
+            return oldest
     log.info("registered %s version %s", name, version)
     return version
+
+
+def _registry_lock():
+    """An exclusive lock beside a local SQLite store (registrations of one machine take turns);
+    nothing for a server, whose registrations are made idempotent after the fact."""
+    import contextlib
+    import fcntl
+
+    from tasks.lib.tracking import tracking_uri
+
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def locked():
+        db = Path(uri.removeprefix("sqlite:///"))
+        with open(db.with_name(db.name + ".registry.lock"), "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            yield
+
+    return locked()
 
 
 def _log(name: str, folder: Path, code: Path):
@@ -117,7 +151,6 @@ def _log(name: str, folder: Path, code: Path):
         code_paths=[str(code)],  # the wrapper and the model code travel with the version
         pip_requirements=requirements(),
         signature=signature(),
-        registered_model_name=name,
     )
 
 

@@ -1,4 +1,4 @@
-"""The math of RLHF with PPO, shared by the ppo and evaluate stages.
+"""The math of preference alignment: PPO, the critic-free RLOO and GRPO, and DPO.
 
 Each piece is a small function so tests can pin it with hand-computed values:
 
@@ -11,6 +11,11 @@ Each piece is a small function so tests can pin it with hand-computed values:
 - `policy_loss`      the clipped surrogate objective (PPO), as a loss to minimise
 - `value_loss`       the clipped value loss
 - `KLController`     fixed or adaptive KL coefficient (Ziegler et al. 2019)
+- `group_advantages` critic-free, sequence-level advantages of K samples per prompt: RLOO's
+                     leave-one-out baseline or GRPO's group mean and standard deviation
+- `sequence_logprobs` summed (or length-normalised) log-probabilities of completions
+- `dpo_loss`         Direct Preference Optimization (Rafailov et al. 2023), with label
+                     smoothing (conservative DPO) or the IPO loss (Azar et al. 2023)
 """
 
 from __future__ import annotations
@@ -129,3 +134,47 @@ class KLController:
         if self.adaptive:
             error = float(np.clip(kl / self.target - 1, -0.2, 0.2))
             self.beta *= 1 + error * n_steps / self.horizon
+
+
+GROUP_STD_EPS = 1e-4  # GRPO: a group whose rewards are (nearly) all equal gets advantages of (nearly) 0
+
+
+def group_advantages(rewards: torch.Tensor, group: int, kind: str) -> torch.Tensor:
+    """Advantages of B = P x K sequence rewards laid out prompt by prompt (the K samples of a
+    prompt are neighbours). rloo: r_i minus the mean of the other K - 1 rewards of its prompt
+    (Ahmadian et al. 2024); grpo: (r_i - mean of the K) / (their standard deviation + eps)
+    (Shao et al. 2024, the unbiased standard deviation, as TRL). Needs K >= 2."""
+    if group < 2 or rewards.numel() % group:
+        raise ValueError(f"group advantages need groups of K >= 2 samples (K = {group}, {rewards.numel()} rewards)")
+    r = rewards.reshape(-1, group)
+    if kind == "rloo":
+        adv = r - (r.sum(1, keepdim=True) - r) / (group - 1)
+    elif kind == "grpo":
+        adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + GROUP_STD_EPS)
+    else:
+        raise ValueError(f"unknown group advantage {kind!r} (rloo or grpo)")
+    return adv.reshape(-1)
+
+
+def sequence_logprobs(model, prompts: list[list[int]], completions: list[list[int]], pad_id: int, device,
+                      length_normalise: bool = False) -> torch.Tensor:
+    """(B,) log p(completion | prompt) summed over the completion's tokens, or their mean
+    (Tulu 3's length-normalised DPO)."""
+    x, mask = sequences(prompts, completions, pad_id, device)
+    logp, _ = token_logprobs(model, x)
+    m = mask.float()
+    total = (logp * m).sum(1)
+    return total / m.sum(1).clamp(min=1) if length_normalise else total
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+             beta: float, label_smoothing: float = 0.0, ipo: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss, margins h) over pairs, where h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) -
+    log ref(y_l)). DPO: -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h) (eps = label
+    smoothing; 0 is the original loss). IPO: (h - 1 / (2 beta))^2."""
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    if ipo:
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return losses.mean(), h

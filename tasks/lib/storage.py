@@ -74,18 +74,57 @@ def _fault_point(name: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def check_output_paths(outputs: dict[str, Path], roots: Iterable[str], project: Path) -> None:
+    """Every output, resolved through symlinks, lies inside one of the output folders (a root
+    folder that is itself a symlink, e.g. data/ on a larger disk, is honoured; a link below it
+    that leads elsewhere is not), and is neither a file git tracks nor a folder holding one."""
+    import subprocess
+
+    project = project.resolve()
+    allowed = {r: (project / r).resolve() for r in roots}
+    res = subprocess.run(["git", "ls-files", "-z"], cwd=project, capture_output=True)
+    tracked = {(project / f).resolve() for f in res.stdout.decode(errors="replace").split("\0") if f} if res.returncode == 0 else set()
+    for name, p in outputs.items():
+        full = (project / p).resolve()
+        if not any(full == a or a in full.parents for a in allowed.values()):
+            raise StageError(f"output '{name}' ({p}) resolves to {full}, outside the output folders "
+                             f"({', '.join(f'{r} -> {a}' for r, a in allowed.items())}): a symlink leads out of them; fix the path or the link")
+        inside = sorted(t for t in tracked if t == full or full in t.parents)
+        if inside:
+            raise StageError(f"output '{name}' ({p}) would replace {inside[0].relative_to(project)}, which git tracks: choose another path")
+
+
+_NO_SPACE = {28: "the disk is full", 122: "the disk quota is exceeded", 30: "the file system is read-only", 13: "permission denied",
+             1: "permission denied"}  # ENOSPC, EDQUOT, EROFS, EACCES, EPERM
+
+
+@contextlib.contextmanager
+def named_write_errors(dest: Path) -> Iterator[None]:
+    """An OSError of the kinds a user must act on (disk full, read-only, no permission) while
+    writing `dest` becomes one StageError that names the path and the cause."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in _NO_SPACE:
+            raise
+        raise StageError(f"cannot write {dest}: {_NO_SPACE[err.errno]} ({err.strerror}); nothing was replaced: "
+                         "free space or fix the folder's permissions, then rerun") from None
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary directory; on success it replaces `dest` whole. A kill at any
     point leaves the previous `dest` (or none, if there was none), never a torn one; what it
     leaves beside it is cleaned by the next writer (`clean_stale`)."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(dest)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; outputs are ordinary files
+    with named_write_errors(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(dest)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; outputs are ordinary files
     try:
-        yield tmp
+        with named_write_errors(dest):
+            yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -102,14 +141,15 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
 def atomic_file(dest: str | Path, mode: str = "w") -> Iterator[Any]:
     """Open a temporary sibling of `dest` for writing; rename it over `dest` on success."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(dest)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())
+    with named_write_errors(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(dest)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())
     try:
         encoding = None if "b" in mode else "utf-8"
-        with open(tmp, mode, encoding=encoding) as fh:
+        with named_write_errors(dest), open(tmp, mode, encoding=encoding) as fh:
             yield fh
         os.replace(tmp, dest)
     except BaseException:
@@ -224,9 +264,13 @@ def read_shard_table(path: Path, columns: list[str] | None) -> pa.Table:
             if found != [(f.name, str(f.type)) for f in DOC_SCHEMA]:  # names, order and types; nullability aside
                 raise StageError(f"{path}: not a document shard (columns {', '.join(f'{n}: {t}' for n, t in found)}; "
                                  f"expected {', '.join(f'{f.name}: {f.type}' for f in DOC_SCHEMA)}); rerun the stage that wrote it")
-            return pf.read(columns=columns or DOC_SCHEMA.names)
+            table = pf.read(columns=columns or DOC_SCHEMA.names)
     except (OSError, pa.ArrowException) as err:
         raise StageError(f"{path}: not a readable document shard ({str(err)[:200]}); rerun the stage that wrote it") from None
+    for name in ("id", "text", "source"):
+        if name in table.column_names and table.column(name).null_count:
+            raise StageError(f"{path}: {table.column(name).null_count} document(s) without a {name} (null); rerun the stage that wrote it")
+    return table
 
 
 def source_folders(root: str | Path) -> dict[str, Path]:

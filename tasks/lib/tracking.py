@@ -45,6 +45,42 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """`http://user:secret@host/...` -> `http://***@host/...` anywhere in a message: a URI's
+    credentials are never printed or logged."""
+    return _CREDENTIALS.sub("***@", str(text))
+
+
+class RedactFilter(logging.Filter):
+    """Takes credentials out of every log record (ours, MLflow's, urllib3's warnings)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if "@" in msg:
+            record.msg, record.args = redact(msg), None
+        return True
+
+
+def _request(url: str):
+    """A urllib request for `url` with its user:password moved into a Basic auth header (urllib
+    cannot open a URL that holds them)."""
+    import base64
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None:
+        return urllib.request.Request(url)
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    req = urllib.request.Request(urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment)))
+    token = base64.b64encode(f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}".encode()).decode()
+    req.add_header("Authorization", f"Basic {token}")
+    return req
+
+
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     """{'a': {'b': [1, 2]}} -> {'a.b.0': 1, 'a.b.1': 2}"""
     out: dict[str, Any] = {}
@@ -109,15 +145,15 @@ def wait_healthy(url: str, wait_s: float, what: str, warn) -> Exception | None:
     deadline, delay, err = time.time() + wait_s, 1.0, None
     while True:
         try:
-            with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=5) as r:
+            with urllib.request.urlopen(_request(f"{url.rstrip('/')}/health"), timeout=5) as r:
                 if r.status == 200:
                     return None
                 err = RuntimeError(f"HTTP {r.status}")
         except (urllib.error.URLError, OSError) as e:
-            err = e
+            err = RuntimeError(redact(str(e)))
         if time.time() + delay > deadline:
             return err
-        warn(f"{what} {url} not answering ({err}); retrying in {delay:.0f} s")
+        warn(f"{what} {redact(url)} not answering ({err}); retrying in {delay:.0f} s")
         time.sleep(delay)
         delay = min(delay * 2, 5.0)
 
@@ -132,11 +168,17 @@ def ensure_store(uri: str | None = None, wait_s: float = 20.0) -> str:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one process creates/migrates; the others wait, then find it ready
             import mlflow
 
-            mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+            try:
+                mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+            except Exception as err:  # noqa: BLE001 - sqlalchemy/MLflow raise many kinds; the user needs the file and the cause
+                text = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+                hint = ("another process holds it locked: wait for it or stop it" if "locked" in text
+                        else "it is not an MLflow store (corrupt, or another program's file): move it aside to start a new one")
+                raise StageError(f"the tracking store {db} is unusable ({text}); {hint}") from None
     elif uri.startswith(("http://", "https://")):
         err = wait_healthy(uri, wait_s, "MLflow tracking server", lambda m: log.warning("%s", m))
         if err is not None:
-            raise StageError(f"MLflow tracking server {uri} does not answer ({err}); start it (make services) or unset MLFLOW_TRACKING_URI")
+            raise StageError(f"MLflow tracking server {redact(uri)} does not answer ({err}); start it (make services) or unset MLFLOW_TRACKING_URI")
     return uri
 
 

@@ -110,6 +110,9 @@ def load_state(folder: Path, tensors: dict[str, nn.Module], optimizers: dict[str
     or corrupt checkpoint is moved aside with a warning and the run starts afresh."""
     from safetensors.torch import load_model
 
+    from tasks.lib.storage import clean_stale
+
+    clean_stale(folder)  # a kill inside the last replacement left the previous checkpoint aside: put it back first
     state_file = folder / "state.json"
     if not state_file.is_file():
         return None

@@ -1,0 +1,182 @@
+"""The one RL loop of the alignment stages: PPO with a value function (InstructGPT) or the
+critic-free RLOO / GRPO (a group of K samples per prompt is its own baseline), picked by
+`algorithm`. The math lives in tasks/lib/rl.py; this is the order in which it is applied.
+
+Each iteration reads top to bottom:
+
+  1. rollout     sample completions for a batch of prompts from the policy (K per prompt for
+                 rloo / grpo); policy and value stay in eval mode (dropout off), so the
+                 recomputed log-probs equal the sampling ones and the ratio starts at 1
+  2. score       the reward model scores each completion; one that never ends its turn loses
+                 `missing_eos_penalty`
+  3. KL          per-token log-ratio to the frozen reference; per-token rewards -beta * KL,
+                 plus the score at the last token
+  4. advantages  ppo: GAE (gamma, lambda) on the value function's estimates, whitened;
+                 rloo / grpo: each sequence's total reward (score - beta * its KL) against
+                 its group's (tasks/lib/rl.py: group_advantages), the same for all its tokens
+  5. update      epochs of minibatches: clipped surrogate (and for ppo the clipped value
+                 loss), entropy bonus, optional pretraining loss (PPO-ptx); gradient clipping
+  6. control     adaptive KL coefficient (Ziegler et al. 2019), metrics, checkpoint
+
+Returns one row of metrics per iteration, the iterations before a resume included (they
+travel in the checkpoint, with the weights, optimizer states and beta).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tasks.lib.rl import (KLController, explained_variance, gae, group_advantages, kl_rewards, masked_mean, policy_loss, sequences,
+                          token_logprobs, value_loss, whiten)
+
+ScoreFn = Callable[[list[list[int]], list[list[int]], list[int]], torch.Tensor]  # (prompts, responses, prompt indices) -> (B,)
+ALGORITHMS = ("ppo", "rloo", "grpo")
+
+
+def _opt_cfg(lr: float):
+    """The RL optimizers: AdamW without weight decay (as TRL and OpenRLHF)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(lr=lr, weight_decay=0.0, beta1=0.9, beta2=0.95)
+
+
+def rl_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cfg: Any, *, pad_id: int, stop_ids: tuple[int, ...],
+            seed: int, device, algorithm: str = "ppo", group_size: int = 1, resume_dir: Path | None = None, fingerprint: str = "",
+            ptx_fn: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
+            on_iter: Callable[[int, dict, list[list[int]], list[int]], None] | None = None,
+            autocast: contextlib.AbstractContextManager = contextlib.nullcontext()) -> list[dict]:
+    """`cfg`: the stage's section (steps, batch_prompts, sampling, ppo_epochs, minibatches, lr,
+    clip, entropy_coef, grad_clip, kl, missing_eos_penalty, ptx_coef, ptx_batch, ckpt_every;
+    for ppo also value_lr, value_clip, vf_coef, gamma, lam, whiten_advantages). `value`: the
+    value model for ppo, None for rloo / grpo. `autocast`: the forward passes run under it
+    (bf16 on CUDA); losses, advantages and the backward pass stay in fp32."""
+    from tasks.lib.model import generate
+    from tasks.lib.train import DivergenceError, load_state, make_optimizer, save_state, seeded
+
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown RL algorithm {algorithm!r} ({', '.join(ALGORITHMS)})")
+    critic = algorithm == "ppo"
+    if critic == (value is None):
+        raise ValueError("ppo needs a value model; rloo and grpo have none")
+    K = 1 if critic else group_size
+    if not critic and K < 2:
+        raise ValueError(f"{algorithm} needs a group of K >= 2 samples per prompt (group_size = {K})")
+    ref.eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    policy.eval()  # dropout off for the whole loop (see step 1)
+    opt_pi = make_optimizer(policy, _opt_cfg(cfg.lr), device)
+    modules, optimizers = {"policy": policy}, {"policy": opt_pi}
+    if critic:
+        value.eval()
+        opt_v = make_optimizer(value, _opt_cfg(cfg.value_lr), device)
+        modules["value"], optimizers["value"] = value, opt_v
+    kl_ctl = KLController(cfg.kl.beta, cfg.kl.adaptive, cfg.kl.target, cfg.kl.horizon)
+    state = (load_state(resume_dir, modules, optimizers, fingerprint) if resume_dir else None) or {}
+    start = int(state.get("step", 0))
+    kl_ctl.beta = state.get("beta", kl_ctl.beta)
+    history: list[dict] = state.get("history", [])
+    sp = cfg.sampling
+    for it in range(start, cfg.steps):
+        gen = seeded(seed, it)
+        picked = torch.randperm(len(prompts), generator=gen)[: cfg.batch_prompts].tolist()
+        idx = [i for i in picked for _ in range(K)]  # a group's K samples are neighbours
+        batch_prompts = [prompts[i] for i in idx]
+
+        # 1. rollout
+        with autocast:
+            responses = generate(policy, batch_prompts, sp.max_new_tokens, pad_id=pad_id, stop_ids=stop_ids,
+                                 temperature=sp.temperature, top_p=sp.top_p, generator=gen)
+        responses = [r if r else [pad_id] for r in responses]
+        x, mask = sequences(batch_prompts, responses, pad_id, device)
+        m = mask.float()
+        with torch.no_grad():
+            # 2. score
+            with autocast:
+                scores = score_fn(batch_prompts, responses, idx).to(device).float()
+                old_logp, _ = token_logprobs(policy, x, sp.temperature)
+                ref_logp, _ = token_logprobs(ref, x, sp.temperature)
+                old_values = value(x)[:, :-1].float() * m if critic else None
+            # unfinished responses (no stop token) lose missing_eos_penalty, as TRL's option
+            unfinished = torch.tensor([not (r and r[-1] in stop_ids) for r in responses], device=device)
+            scores = scores - cfg.missing_eos_penalty * unfinished.float()
+            # 3. KL
+            rewards, kl = kl_rewards(old_logp, ref_logp, scores, mask, kl_ctl.beta)
+            # 4. advantages
+            if critic:
+                adv = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+                returns = adv + old_values
+                if cfg.whiten_advantages:
+                    adv = whiten(adv, m)
+            else:
+                adv = group_advantages(rewards.sum(1), K, algorithm)[:, None] * m
+
+        # 5. update
+        names = ("policy_loss", "entropy", "clip_fraction", "approx_kl", "ptx_loss") + (("value_loss",) if critic else ())
+        stats: dict[str, list[float]] = {k: [] for k in names}
+        B = x.shape[0]
+        mb = max(B // cfg.minibatches, 1)
+        for epoch in range(cfg.ppo_epochs):
+            order = torch.randperm(B, generator=gen).tolist()
+            for s in range(0, B, mb):
+                sel = order[s : s + mb]
+                xs, ms = x[sel], m[sel]
+                with autocast:
+                    logp, ent = token_logprobs(policy, xs, sp.temperature)
+                    v = value(xs)[:, :-1].float() if critic else None
+                pi_loss, ratio = policy_loss(logp, old_logp[sel], adv[sel], ms, cfg.clip)
+                entropy = masked_mean(ent, ms)
+                total = pi_loss - cfg.entropy_coef * entropy
+                if ptx_fn is not None and cfg.ptx_coef > 0:  # PPO-ptx: keep the pretraining distribution
+                    px, py = ptx_fn(it * 1000 + epoch * 100 + s)
+                    with autocast:
+                        ptx = policy(px.to(device), py.to(device))[1].float()
+                    total = total + cfg.ptx_coef * ptx
+                    stats["ptx_loss"].append(float(ptx.detach()))
+                if critic:
+                    v_loss = value_loss(v, old_values[sel], returns[sel], ms, cfg.value_clip)
+                    total = total + cfg.vf_coef * v_loss
+                if not torch.isfinite(total):
+                    raise DivergenceError(f"{algorithm}: non-finite loss at iteration {it + 1} (lower the learning rates); "
+                                          "nothing was written or registered")
+                for o in optimizers.values():
+                    o.zero_grad(set_to_none=True)
+                total.backward()
+                for mod in modules.values():
+                    torch.nn.utils.clip_grad_norm_(mod.parameters(), cfg.grad_clip)
+                for o in optimizers.values():
+                    o.step()
+                with torch.no_grad():
+                    stats["policy_loss"].append(float(pi_loss))
+                    stats["entropy"].append(float(entropy))
+                    stats["clip_fraction"].append(float(masked_mean(((ratio - 1).abs() > cfg.clip).float(), ms)))
+                    stats["approx_kl"].append(float(masked_mean(0.5 * (logp - old_logp[sel]) ** 2, ms)))
+                    if critic:
+                        stats["value_loss"].append(float(v_loss))
+
+        # 6. control, metrics, checkpoint
+        mean_kl = float((kl.sum(1)).mean())
+        kl_ctl.update(mean_kl, B)
+        row = {
+            "iteration": it + 1,
+            "reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if B > 1 else 0.0,
+            "kl": mean_kl, "beta": kl_ctl.beta,
+            "response_length": float(np.mean([len(r) for r in responses])),
+            "finished_fraction": float(np.mean([bool(r) and r[-1] in stop_ids for r in responses])),
+            **{k: float(np.mean(v)) for k, v in stats.items() if v},
+        }
+        if critic:
+            row["explained_variance"] = explained_variance(old_values, returns, m)
+        if on_iter is not None:  # may add metrics of its own to row
+            on_iter(it, row, responses, idx)
+        history.append(row)
+        if resume_dir is not None and ((it + 1) % cfg.ckpt_every == 0 or it + 1 == cfg.steps):
+            save_state(resume_dir, modules, optimizers, {"step": it + 1, "beta": kl_ctl.beta, "fingerprint": fingerprint,
+                                                         "history": history, "finished": it + 1 == cfg.steps})
+    return history
