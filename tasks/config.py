@@ -674,6 +674,36 @@ def parse_params(raw: Any, source: str = "params") -> Params:
         raise ConfigError(_format_errors(err, source)) from None
 
 
+def consistency_problems(p: Params) -> list[str]:
+    """Values that each pass on their own but contradict each other (a profile written for a GPU
+    that drifted, say): one answer length for everything that samples and judges answers, SFT
+    trained on answers at least that long, about one epoch of the reward model over its
+    prompts, and an adaptive KL coefficient that moves slowly. Checked for params files
+    (load_params), not for the sections tests build by hand."""
+    out = []
+    lengths = {"preferences": p.preferences.sampling.max_new_tokens, "ppo": p.ppo.sampling.max_new_tokens,
+               "group_rl": p.group_rl.sampling.max_new_tokens, "evaluate": p.evaluate.sampling.max_new_tokens}
+    if len(set(lengths.values())) > 1:
+        out.append("<stage>.sampling.max_new_tokens must be one length for preferences, ppo, group_rl and evaluate (the reward model and the "
+                   f"judge learn and score answers of that length): {', '.join(f'{k}.sampling.max_new_tokens = {v}' for k, v in lengths.items())}")
+    longest = max(lengths.values())
+    if p.instructions.max_response_tokens < longest:
+        out.append(f"instructions.max_response_tokens = {p.instructions.max_response_tokens}: SFT must train on answers at least as long as "
+                   f"the sampled ones (max_new_tokens {longest})")
+    if p.preferences.labeler == "gold":
+        train_prompts = p.preferences.prompts * (1 - p.preferences.val_fraction - p.preferences.test_fraction)
+        epochs = p.reward.train.steps * p.reward.train.batch_size * p.reward.train.grad_accum / max(train_prompts, 1)
+        if not 0.5 <= epochs <= 3.0:
+            out.append(f"reward.train.steps = {p.reward.train.steps}: with batch_size {p.reward.train.batch_size} the reward model trains "
+                       f"{epochs:.1f} epochs over its ~{train_prompts:.0f} training prompts (InstructGPT trains one; keep it within 0.5-3)")
+    for name, sec, k in (("ppo", p.ppo, 1), ("group_rl", p.group_rl, p.group_rl.group_size)):
+        samples = sec.batch_prompts * k
+        if sec.kl.adaptive and sec.kl.horizon < 4 * samples:
+            out.append(f"{name}.kl.horizon = {sec.kl.horizon}: under 4x the {samples} samples of an iteration, the adaptive beta would move by "
+                       f"up to {20 * samples / sec.kl.horizon:.0f}% per iteration (keep it at 5% or less: horizon >= {4 * samples})")
+    return out
+
+
 def load_params(path: str = "params.yaml") -> Params:
     from pathlib import Path
 
@@ -684,7 +714,11 @@ def load_params(path: str = "params.yaml") -> Params:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{p}: not valid YAML: {err}") from None
-    return parse_params(raw, str(p))
+    params = parse_params(raw, str(p))
+    problems = consistency_problems(params)
+    if problems:
+        raise ConfigError(f"{p}: {len(problems)} value(s) contradict each other\n" + "\n".join(f"  {x}" for x in problems))
+    return params
 
 
 def section_dict(params: Params, dotted: str) -> Any:

@@ -173,9 +173,17 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
         write_json(rep / "train.json", hist["curve"])
         write_json(rep / "val.json", hist["evals"])
     tracking.set_tags({**rt.describe(), "resumed_from": hist["resumed_from"], "method": "dpo"})
-    tags = {**tracking.git_commit(), **tracking.input_hashes(inputs), "stage": STAGE, "method": "dpo", **registry.parent_tags("sft", inputs["sft"])}
-    tracking.set_tags({"registered_version": f"rlhf/{registry.register_checkpoint('rlhf', outputs['dpo'], tags)}"})
+    from tasks.lib.rankings import labeler_kind
+
+    labeler = labeler_kind(inputs["preferences"] / f"{s}.jsonl" for s in ("train", "val", "test"))
     last = hist["evals"][-1] if hist["evals"] else {}
+    tags = {**tracking.git_commit(), **tracking.input_hashes(inputs), "stage": STAGE, "method": "dpo", "labeler": labeler,
+            **registry.parent_tags("sft", inputs["sft"])}
+    card = registry.model_card("rlhf (method dpo)", STAGE, {k.removeprefix("input."): v for k, v in tracking.input_hashes(inputs).items()},
+                               {"beta": cfg.beta, "loss": cfg.loss, "steps": tc.steps, "lr": tc.lr}, {"test_accuracy": test["accuracy"],
+                                "test_margin": test["margin"], "kl_to_reference": last.get("kl_to_reference")}, labeler)
+    # every aligned model is a version of `rlhf` (tag `method`): one champion alias across methods
+    tracking.set_tags({"registered_version": f"rlhf/{registry.register_checkpoint('rlhf', outputs['dpo'], tags, card)}"})
     return {
         "method": "dpo", "test_accuracy": test["accuracy"], "test_margin": test["margin"], "test_loss": test["loss"],
         "val_accuracy": last.get("val_accuracy"), "val_margin": last.get("val_margin"), "kl_to_reference": last.get("kl_to_reference"),

@@ -454,7 +454,20 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
         return compare(outs[name]["gold"], ev.run(champ, chat=True, name="champion")["gold"], seed, cfg.bootstrap_resamples)
 
     candidates = {name: registry.version_of(pr.model, inputs[name]) for name in ALIGNED}
+    for name in MODELS:  # the evaluation in each version's model card
+        reg = pr.model if name in ALIGNED else name
+        version = candidates.get(name) if name in ALIGNED else registry.version_of(name, inputs[name])
+        if version is not None:
+            m = metrics["models"][name]
+            c = metrics["comparisons"].get(f"{name}_vs_sft")
+            vs = f"; win rate vs SFT {c['win_rate']:.3f} [{c['win_ci_low']:.3f}, {c['win_ci_high']:.3f}]" if c else ""
+            registry.append_description(reg, version, f"Evaluation ({len(examples)} held-out prompts x {cfg.samples_per_prompt}): gold judge "
+                                        f"{m['gold_score']:.4f} (reference {metrics['baselines']['reference']['gold_score']:.3f}, constant answer "
+                                        f"{metrics['baselines']['constant']['gold_score']:.4f}){vs}; bits per byte {m['bits_per_byte']:.3f}; "
+                                        f"doc_match {m['benchmark_acc']:.3f} (chance {metrics['benchmark']['chance']:.2f})")
     decision = promote(pr, candidates, metrics, per_candidate, compare_champion)
+    if decision.get("candidate_version"):
+        registry.append_description(pr.model, decision["candidate_version"], f"Promotion: {decision['decision']} ({decision['reason']})")
     log.info("promotion of %s: %s (%s)", decision["model"], decision["decision"], decision["reason"])
     if mlflow.active_run():
         tracking.set_tags({"promotion.decision": decision["decision"], "promotion.reason": decision["reason"][:4900]})

@@ -102,7 +102,12 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
         write_json(rep / "train.json", hist["curve"])
         write_json(rep / "val.json", hist["evals"])
     tracking.set_tags({**rt.describe(), "resumed_from": hist["resumed_from"]})
-    version = registry.register_checkpoint("base", outputs["base"], {**tracking.git_commit(), **tracking.input_hashes(inputs), "stage": STAGE})
+    hashes = tracking.input_hashes(inputs)
+    card = registry.model_card("base", STAGE, {k.removeprefix("input."): v for k, v in hashes.items()},
+                               {"params": model.num_params(), "layers": params.model.n_layer, "d_model": params.model.d_model,
+                                "tokens": tc.steps * tc.batch_size * tc.grad_accum * seq_len * rt.world, "lr": tc.lr},
+                               {"val_loss": final_val, "unigram_entropy": entropy})
+    version = registry.register_checkpoint("base", outputs["base"], {**tracking.git_commit(), **hashes, "stage": STAGE}, card)
     tracking.set_tags({"registered_version": f"base/{version}"})
     return {
         "val_loss": final_val,

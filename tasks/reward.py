@@ -123,18 +123,24 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     model.normalise(stats["reward_mean"], stats["reward_std"])
     val_acc = hist["best"]["value"]
     # 4. write
+    from tasks.lib.rankings import labeler_kind
+
+    labeler = labeler_kind(inputs["preferences"] / f"{s}.jsonl" for s in ("train", "val", "test"))
     with atomic_dir(outputs["reward"]) as out:
-        save_checkpoint(out, model, inputs["sft"], {"stage": STAGE, "val_accuracy": val_acc, **stats})
+        save_checkpoint(out, model, inputs["sft"], {"stage": STAGE, "val_accuracy": val_acc, "labeler": labeler, **stats})
     with atomic_dir(outputs["report"]) as rep:
         write_json(rep / "train.json", hist["curve"])
         write_json(rep / "val.json", hist["evals"])
     tracking.set_tags({**rt.describe(), "resumed_from": hist["resumed_from"]})
-    tags = {**tracking.git_commit(), **tracking.input_hashes(inputs), "stage": STAGE, **registry.parent_tags("sft", inputs["sft"])}
-    tracking.set_tags({"registered_version": f"reward/{registry.register_checkpoint('reward', outputs['reward'], tags)}"})
+    tags = {**tracking.git_commit(), **tracking.input_hashes(inputs), "stage": STAGE, "labeler": labeler, **registry.parent_tags("sft", inputs["sft"])}
     initial = hist["evals"][0]["val_accuracy"]  # step 0: the SFT body with a random head
     with torch.no_grad():
         train_acc = accuracy(model, train, t.pad)
         test_acc = accuracy(model, test, t.pad)
+    card = registry.model_card("reward", STAGE, {k.removeprefix("input."): v for k, v in tracking.input_hashes(inputs).items()},
+                               {"steps": tc.steps, "batch_size": tc.batch_size, "lr": tc.lr, "train_prompts": len(train)},
+                               {"test_accuracy": test_acc, "val_accuracy (selected on)": val_acc, "train_accuracy": train_acc}, labeler)
+    tracking.set_tags({"registered_version": f"reward/{registry.register_checkpoint('reward', outputs['reward'], tags, card)}"})
     return {
         "test_accuracy": test_acc, "test_pairs": sum(len(p["pairs"]) for p in test), "test_prompts": len(test),
         "val_accuracy": val_acc, "val_accuracy_before": initial, "train_accuracy": train_acc, "best_step": hist["best"]["step"],

@@ -94,7 +94,10 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
         write_json(rep / "val.json", [{"step": 0, "val_loss": initial_val}, *hist["evals"]])
     tracking.set_tags({**rt.describe(), "resumed_from": hist["resumed_from"]})
     tags = {**tracking.git_commit(), **tracking.input_hashes(inputs), "stage": STAGE, **registry.parent_tags("base", inputs["base"])}
-    tracking.set_tags({"registered_version": f"sft/{registry.register_checkpoint('sft', outputs['sft'], tags)}"})
+    card = registry.model_card("sft", STAGE, {k.removeprefix("input."): v for k, v in tracking.input_hashes(inputs).items()},
+                               {"steps": tc.steps, "batch_size": tc.batch_size, "lr": tc.lr, "examples": len(train)},
+                               {"val_loss": final_val, "val_loss_before": initial_val})
+    tracking.set_tags({"registered_version": f"sft/{registry.register_checkpoint('sft', outputs['sft'], tags, card)}"})
     return {
         "val_loss": final_val,
         "val_loss_before": initial_val,

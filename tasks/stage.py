@@ -60,15 +60,17 @@ def clean_all_stale(params: Params) -> None:
     """What killed writers left beside any stage's outputs (temporaries, a previous output moved
     aside): cleaned or put back at the start of every stage, not only by the stage that left
     them, because DVC may restore a killed stage's outputs from its run cache without running it."""
+    import re
+
     from tasks.config import INPUT_ONLY_PATHS
 
-    folders = [Path(v) for k, v in params.paths.model_dump().items() if k not in INPUT_ONLY_PATHS and k != "output_roots"]
-    for base in (Path(params.paths.reports), Path(params.paths.checkpoints)):
-        if base.is_dir():
-            folders += [p for p in base.iterdir() if not p.name.startswith(".")]
-    for f in folders:
-        if f.parent.is_dir():
-            clean_stale(f)
+    outputs = [Path(v) for k, v in params.paths.model_dump().items() if k not in INPUT_ONLY_PATHS and k != "output_roots"]
+    folders = {p.parent for p in outputs} | {Path(params.paths.reports), Path(params.paths.checkpoints)}
+    leftover = re.compile(r"^\.(.+)\.(tmp|old)-\d+")
+    for folder in folders:
+        if folder.is_dir():
+            for name in sorted({m.group(1) for m in map(leftover.match, (p.name for p in folder.iterdir())) if m}):
+                clean_stale(folder / name)
 
 
 def metrics_path(params: Params, stage: str) -> Path:

@@ -56,10 +56,14 @@ def tiny_raw_params() -> dict:
     raw["reward"]["train"].update(steps=4, **small)
     raw["ppo"].update(steps=2, batch_prompts=4, ckpt_every=1)
     raw["ppo"]["sampling"]["max_new_tokens"] = 8
+    raw["group_rl"].update(steps=2, batch_prompts=2, group_size=2, ckpt_every=1)
+    raw["group_rl"]["sampling"]["max_new_tokens"] = 8
+    raw["dpo"].update(kl_prompts=2, kl_max_new_tokens=4)
+    raw["dpo"]["train"].update(steps=4, **small)
     # about 18 held-out prompts: an interval up to +-0.5 wide is all they can promise
     raw["evaluate"].update(samples_per_prompt=2, best_of_n=2, sft_temperatures=[0.0], max_ci_half_width=0.5, bootstrap_resamples=200)
     raw["evaluate"]["sampling"]["max_new_tokens"] = 8
-    for section in ("pretrain", "sft", "preferences", "reward", "ppo", "evaluate"):
+    for section in ("pretrain", "sft", "preferences", "reward", "ppo", "group_rl", "dpo", "evaluate"):
         raw[section]["compute"]["device"] = "cpu"  # CPU tests stay on the CPU on a GPU machine too
     return raw
 

@@ -13,7 +13,9 @@ import yaml
 from tests.conftest import dvc, git, make_project, tiny_raw_params
 
 pytestmark = pytest.mark.slow
-STAGES = ["sources", "collect", "quality", "dedup", "mix", "tokenizer", "tokenize", "pretrain", "sft", "preferences", "reward", "ppo", "evaluate"]
+STAGES = ["sources", "collect", "quality", "dedup", "mix", "tokenizer", "tokenize", "pretrain", "sft", "preferences", "reward", "ppo",
+          "group_rl", "dpo", "evaluate"]
+ONE_EACH = {"base": ["1"], "sft": ["1"], "reward": ["1"], "rlhf": ["1", "2", "3"]}  # rlhf: ppo, group_rl and dpo
 VOLATILE = ("seconds", "tokens_per_s", "registered_version", "resumed_from", "mfu")
 
 
@@ -61,9 +63,13 @@ def test_fresh_clone_ends_with_a_champion_in_a_clean_tree(ran_project, tmp_path)
     env = local_env(clone)
     first = dvc(clone, "repro", env=env)
     assert ran(first.stdout) == STAGES  # outputs are not in git: everything is made here
-    assert registry_state(clone) == {"base": ["1"], "sft": ["1"], "reward": ["1"], "rlhf": ["1"]}
+    assert registry_state(clone) == ONE_EACH
     client = client_for(clone)
-    assert str(client.get_model_version_by_alias("rlhf", "champion").version) == "1"
+    methods = {client.get_model_version("rlhf", v).tags["method"] for v in ("1", "2", "3")}
+    assert methods == {"ppo", "rloo", "dpo"}
+    # the verdict: a champion only when earned, else the best candidate is the challenger
+    verdict = {a for a in ("champion", "challenger") for v in ("1", "2", "3") if a in client.get_model_version("rlhf", v).aliases}
+    assert len(verdict) == 1, verdict
     status = subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True, text=True).stdout
     assert status == "", f"the pipeline must leave the clone clean:\n{status}"
     assert lock_outs(clone) == lock_outs(ran_project)  # same params, same seed: the same bytes
@@ -71,6 +77,8 @@ def test_fresh_clone_ends_with_a_champion_in_a_clean_tree(ran_project, tmp_path)
     for name, parent in (("sft", "base"), ("reward", "sft"), ("rlhf", "sft")):
         v = client.get_model_version(name, "1")
         assert v.tags["git.dirty"] == "false" and v.tags["parent_model"] == f"{parent}/1", (name, v.tags)
+        assert v.description and "made by the" in v.description  # the model card
+    assert client.get_model_version("reward", "1").tags["labeler"] == "human"  # the tiny project ranks from a file
     for stage in STAGES:  # DVC metrics hold no figure that changes from run to run
         metrics = json.loads((clone / f"reports/{stage}.json").read_text())
         assert not [k for k in metrics if k in VOLATILE], stage
@@ -81,15 +89,15 @@ def test_fresh_clone_ends_with_a_champion_in_a_clean_tree(ran_project, tmp_path)
 
     again = dvc(clone, "repro", env=env)
     assert ran(again.stdout) == ["sources"]  # the cheap source fingerprint only
-    assert registry_state(clone) == {"base": ["1"], "sft": ["1"], "reward": ["1"], "rlhf": ["1"]}
+    assert registry_state(clone) == ONE_EACH
 
     # forced reruns reuse the finished training runs as a whole: valid reports, no new version
-    forced = dvc(clone, "repro", "-f", "-s", "pretrain", "sft", "reward", "ppo", env=env)
+    forced = dvc(clone, "repro", "-f", "-s", "pretrain", "sft", "reward", "ppo", "group_rl", "dpo", env=env)
     assert "reusing it" in forced.stdout + forced.stderr
-    for stage in ("pretrain", "sft", "reward", "ppo"):
+    for stage in ("pretrain", "sft", "reward", "ppo", "group_rl", "dpo"):
         json.loads((clone / f"reports/{stage}.json").read_text())  # strict JSON: no NaN
         assert json.loads((clone / f"reports/{stage}.json").read_text()) == json.loads((ran_project / f"reports/{stage}.json").read_text())
-    assert registry_state(clone) == {"base": ["1"], "sft": ["1"], "reward": ["1"], "rlhf": ["1"]}
+    assert registry_state(clone) == ONE_EACH
     assert subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True, text=True).stdout == ""
 
 

@@ -36,7 +36,7 @@ from tests.conftest import REPO, dvc, git, make_project
 SCRIPT = REPO / "infra/run-local.sh"
 COMPOSE = REPO / "infra/docker-compose.yml"
 DATA_HALF = ["sources", "collect", "quality", "dedup", "mix", "tokenizer", "tokenize"]
-TRAINING = ["pretrain", "sft", "preferences", "reward", "ppo", "evaluate"]
+TRAINING = ["pretrain", "sft", "preferences", "reward", "ppo", "group_rl", "dpo", "evaluate"]
 STAGES = DATA_HALF + TRAINING
 
 
@@ -312,11 +312,14 @@ def test_the_pipeline_on_real_servers_end_to_end():
         # the registry on the server: one version per trained model, the champion by alias,
         # the weights in the S3 bucket
         keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="mlflow") for o in page.get("Contents", [])]
-        for name in ("base", "sft", "reward", "rlhf"):
-            (version,) = client.search_model_versions(f"name = '{name}'")
-            model_id = version.source.removeprefix("models:/")  # the logged model: models:/m-<id>
-            assert any(f"/models/{model_id}/" in k and k.endswith("model.safetensors") for k in keys), (name, version.source)
-        assert client.get_model_version_by_alias("rlhf", "champion").version == "1"
+        for name, count in (("base", 1), ("sft", 1), ("reward", 1), ("rlhf", 3)):  # rlhf: ppo, group_rl, dpo
+            versions = client.search_model_versions(f"name = '{name}'")
+            assert len(versions) == count, (name, len(versions))
+            for version in versions:
+                model_id = version.source.removeprefix("models:/")  # the logged model: models:/m-<id>
+                assert any(f"/models/{model_id}/" in k and k.endswith("model.safetensors") for k in keys), (name, version.source)
+        aliases = {a for v in client.search_model_versions("name = 'rlhf'") for a in v.aliases}
+        assert aliases in ({"champion"}, {"challenger"}), aliases  # a verdict either way, recorded on the server
         # the records are in PostgreSQL
         with psycopg2.connect(dbname="mlflow", **pg) as conn, conn.cursor() as cur:
             cur.execute("select count(*) from runs")
@@ -334,7 +337,7 @@ def test_the_pipeline_on_real_servers_end_to_end():
         subprocess.run(["git", "clone", "-q", str(proj), str(clone)], check=True)
         clone_env = {**client_env, "PYTHONPATH": str(clone)}
         dvc(clone, "pull", env=clone_env)
-        assert (clone / "checkpoints/pretrain").is_dir() and (clone / "models/rlhf/model.safetensors").is_file()
+        assert (clone / "checkpoints/pretrain").is_dir() and (clone / "models/ppo/model.safetensors").is_file()
         status = dvc(clone, "status", "--json", env=clone_env)
         assert set(json.loads(status.stdout)) <= {"sources"}, status.stdout
         rerun = dvc(clone, "repro", env=clone_env)

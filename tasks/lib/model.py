@@ -299,11 +299,13 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
 @torch.no_grad()
 def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, pad_id: int, stop_ids: tuple[int, ...] = (),
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             use_cache: bool = True, generator: torch.Generator | None = None, entropy: list[float] | None = None) -> list[list[int]]:
+             use_cache: bool = True, generator: torch.Generator | None = None, entropy: list[float] | None = None,
+             on_token=None) -> list[list[int]]:
     """New tokens for each prompt, up to and including the first stop token. `entropy`, when
     given, is extended by the entropy (nats) of the model's own distribution (temperature 1)
     at each new token of each row, row by row: what a separate pass over the sequences would
-    compute, for the cost of one log-softmax per step."""
+    compute, for the cost of one log-softmax per step. `on_token(tokens)`, when given, gets each
+    step's new token of every row (pad for rows already done) as it is drawn: streaming."""
     device = next(model.parameters()).device
     max_new_tokens = min(max_new_tokens, model.cfg.max_seq_len - max(len(p) for p in prompts))
     if max_new_tokens <= 0:
@@ -341,6 +343,8 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, pad_i
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             out[:, t] = nxt
+            if on_token is not None:
+                on_token(nxt.tolist())
             done |= torch.isin(nxt, stops)
             tokens = torch.cat([tokens, nxt[:, None]], 1)
             valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)

@@ -194,6 +194,19 @@ def read_pairs(path: Path) -> list[dict]:
     return out
 
 
+def labeler_kind(paths: Iterable[Path]) -> str:
+    """Who ranked the preference files: `judge` (the programmatic gold judge), `human`, or `mixed`."""
+    import json
+
+    kinds = set()
+    for p in paths:
+        if Path(p).is_file():
+            for line in Path(p).read_bytes().splitlines():
+                if line.strip():
+                    kinds.add("judge" if json.loads(line).get("labeler") == JUDGE else "human")
+    return kinds.pop() if len(kinds) == 1 else "mixed" if kinds else "none"
+
+
 def _relation(rec: dict, x: int, y: int) -> int:
     group = tie_group_of(rec.get("ties") or ())
     if x in group and group.get(x) == group.get(y):

@@ -85,7 +85,7 @@ def signature():
     )
 
 
-def register_checkpoint(name: str, folder: Path, tags: dict[str, str]) -> str | None:
+def register_checkpoint(name: str, folder: Path, tags: dict[str, str], description: str | None = None) -> str | None:
     """Register `folder` as a version of `name`, logged in the active run; when these exact
     weights are registered already, return that version and add nothing. None without an
     active run.
@@ -117,8 +117,35 @@ def register_checkpoint(name: str, folder: Path, tags: dict[str, str]) -> str | 
             mlflow.MlflowClient().delete_model_version(name, version)
             log.info("%s: version %s of these weights was registered at the same moment; kept it, removed %s", name, oldest, version)
             return oldest
+    if description:  # the model card in MLflow's UI
+        mlflow.MlflowClient().update_model_version(name, version, description=description[:5000])
     log.info("registered %s version %s", name, version)
     return version
+
+
+def model_card(name: str, stage: str, inputs: dict[str, str], settings: dict[str, Any], figures: dict[str, Any], labeler: str | None = None) -> str:
+    """A short model card for a version's description: what it was trained on (inputs with
+    their DVC hashes), the settings that matter, its figures, and who labelled its preferences."""
+    def fmt(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = [f"**{name}**, made by the `{stage}` stage of gpt-pipeline.", ""]
+    if labeler:
+        lines += [f"Preferences labelled by: **{labeler}** ({'people' if labeler == 'human' else 'the programmatic gold judge' if labeler == 'judge' else 'people and the judge'}).", ""]
+    lines += ["Inputs: " + ", ".join(f"`{k}` ({v[:12]})" for k, v in inputs.items()) if inputs else "Inputs: see the run's datasets.", ""]
+    lines += ["Settings: " + ", ".join(f"{k}={fmt(v)}" for k, v in settings.items()), ""]
+    lines += ["Figures: " + ", ".join(f"{k} {fmt(v)}" for k, v in figures.items() if v is not None)]
+    return "\n".join(lines)
+
+
+def append_description(name: str, version: str, text: str) -> None:
+    """Add a paragraph (evaluation, promotion) to a version's model card, replacing an earlier
+    paragraph that starts with the same first line."""
+    client = mlflow.MlflowClient()
+    current = client.get_model_version(name, version).description or ""
+    head = text.splitlines()[0]
+    kept = [p for p in current.split("\n\n") if not p.startswith(head)]
+    client.update_model_version(name, version, description="\n\n".join([*kept, text])[:5000])
 
 
 def _registry_lock():

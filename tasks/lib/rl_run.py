@@ -111,13 +111,19 @@ def run_rl(stage: str, cfg: Any, *, seed: int, instructions_cfg: Any, judge_cfg:
     first, last = hist[:k], hist[-k:]
     mean_of = lambda rows, key: float(np.nanmean([r.get(key, float("nan")) for r in rows]))  # noqa: E731
     tracking.set_tags({**rt.describe(), "method": algorithm})
-    tags = {**tracking.git_commit(), **tracking.input_hashes(inputs), "stage": stage, "method": algorithm,
+    import json
+
+    labeler = json.loads((Path(inputs["reward"]) / "config.json").read_text()).get("labeler", "unknown")  # who ranked the RM's data
+    tags = {**tracking.git_commit(), **tracking.input_hashes(inputs), "stage": stage, "method": algorithm, "labeler": labeler,
             **registry.parent_tags("sft", inputs["sft"])}
     reward_version = registry.version_of("reward", inputs["reward"])
     tags["reward_model"] = f"reward/{reward_version}" if reward_version else f"sha256:{registry.checkpoint_sha(inputs['reward'])}"
-    tracking.set_tags({"registered_version": f"{REGISTERED}/{registry.register_checkpoint(REGISTERED, out_dir, tags)}"})
     metrics: dict[str, Any] = {f"{key}_{when}": mean_of(rows, key) for key in ("reward_mean", "kl", "gold_score", "entropy", "response_length")
                                for when, rows in (("start", first), ("end", last))}
+    card = registry.model_card(f"{REGISTERED} (method {algorithm})", stage, {k.removeprefix("input."): v for k, v in tracking.input_hashes(inputs).items()},
+                               {"iterations": cfg.steps, "lr": cfg.lr, "kl_beta": cfg.kl.beta, "ptx_coef": cfg.ptx_coef, "reward_model": tags["reward_model"]},
+                               {k: metrics[k] for k in ("reward_mean_end", "kl_end", "gold_score_end")}, labeler)
+    tracking.set_tags({"registered_version": f"{REGISTERED}/{registry.register_checkpoint(REGISTERED, out_dir, tags, card)}"})
     second_half = hist[len(hist) // 2 :]
     metrics.update(method=algorithm, final_beta=hist[-1]["beta"] if hist else cfg.kl.beta, iterations=cfg.steps, prompts=len(prompts),
                    coverage=instructions.coverage(examples), kl_target=cfg.kl.target if cfg.kl.adaptive else None,

@@ -95,15 +95,24 @@ def continuation_logprobs(model, pairs: Sequence[tuple[list[int], list[int]]], p
         x = torch.full((len(seqs), width), pad_id, dtype=torch.long)
         for j, s in enumerate(seqs):
             x[j, : len(s) - 1] = torch.tensor(s[:-1])
-        with autocast or contextlib.nullcontext():
-            logits = model(x.to(dev))[0].float()
-        logp = F.log_softmax(logits, -1).cpu()
+        rows, pos, targets = [], [], []
         for j, ((ctx, cont), s) in enumerate(zip(chunk, seqs)):
             n = len(cont)
-            pos = torch.arange(len(s) - 1 - n, len(s) - 1)  # positions that predict the continuation
-            target = torch.tensor(s[-n:])
-            lp = logp[j, pos]
-            out.append((float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
+            rows += [j] * n
+            pos += list(range(len(s) - 1 - n, len(s) - 1))  # positions that predict the continuation
+            targets += s[-n:]
+        with autocast or contextlib.nullcontext():
+            h = model.hidden(x.to(dev))
+            # the head and softmax at the continuation's positions only, not at every position
+            logp = F.log_softmax(model.head(h[torch.tensor(rows), torch.tensor(pos)]).float(), -1).cpu()
+        tok = torch.tensor(targets)
+        lp = logp.gather(1, tok[:, None]).squeeze(1)
+        hit = logp.argmax(-1) == tok
+        start = 0
+        for ctx, cont in chunk:
+            n = len(cont)
+            out.append((float(lp[start : start + n].sum()), bool(hit[start : start + n].all())))
+            start += n
     return out
 
 

@@ -95,19 +95,28 @@ def check_output_paths(outputs: dict[str, Path], roots: Iterable[str], project: 
 
 
 _NO_SPACE = {28: "the disk is full", 122: "the disk quota is exceeded", 30: "the file system is read-only", 13: "permission denied",
-             1: "permission denied"}  # ENOSPC, EDQUOT, EROFS, EACCES, EPERM
+             1: "permission denied", 27: "the file is larger than this process may write (a file-size limit)"}
+# ENOSPC, EDQUOT, EROFS, EACCES, EPERM, EFBIG
 
 
 @contextlib.contextmanager
 def named_write_errors(dest: Path) -> Iterator[None]:
     """An OSError of the kinds a user must act on (disk full, read-only, no permission) while
     writing `dest` becomes one StageError that names the path and the cause."""
+    import re
+
     try:
         yield
     except OSError as err:
         if err.errno not in _NO_SPACE:
             raise
         raise StageError(f"cannot write {dest}: {_NO_SPACE[err.errno]} ({err.strerror}); nothing was replaced: "
+                         "free space or fix the folder's permissions, then rerun") from None
+    except Exception as err:  # noqa: BLE001 - libraries in Rust (safetensors) report the OS error in their message only
+        m = re.search(r"\(os error (\d+)\)", str(err))
+        if not m or int(m.group(1)) not in _NO_SPACE:
+            raise
+        raise StageError(f"cannot write {dest}: {_NO_SPACE[int(m.group(1))]} ({str(err)[:120]}); nothing was replaced: "
                          "free space or fix the folder's permissions, then rerun") from None
 
 

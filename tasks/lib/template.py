@@ -40,6 +40,10 @@ class Template:
             mask += [False] + [role == "assistant"] * len(body)
         return ids, mask
 
+    def chat(self, messages: list[dict]) -> list[int]:
+        """A conversation (system/user/assistant messages) as a prompt for the assistant's next turn."""
+        return self.render(messages)[0] + [self.assistant]
+
     def prompt(self, user_text: str) -> list[int]:
         return [self.eot, self.user, *self.text_ids(user_text), self.end_turn, self.assistant]
 

@@ -22,6 +22,7 @@ import os
 import re
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -173,7 +174,9 @@ def ensure_store(uri: str | None = None, wait_s: float = 20.0) -> str:
             except Exception as err:  # noqa: BLE001 - sqlalchemy/MLflow raise many kinds; the user needs the file and the cause
                 text = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
                 hint = ("another process holds it locked: wait for it or stop it" if "locked" in text
-                        else "it is not an MLflow store (corrupt, or another program's file): move it aside to start a new one")
+                        else "it cannot be written (disk full, read-only or a file-size limit): free space and rerun"
+                        if any(w in text for w in ("disk I/O", "disk is full", "readonly", "read-only")) else
+                        "it is not an MLflow store (corrupt, or another program's file): move it aside to start a new one")
                 raise StageError(f"the tracking store {db} is unusable ({text}); {hint}") from None
     elif uri.startswith(("http://", "https://")):
         err = wait_healthy(uri, wait_s, "MLflow tracking server", lambda m: log.warning("%s", m))
@@ -223,12 +226,45 @@ def stage_run(stage: str, experiment: str, params: Mapping[str, Any], inputs: Ma
     reconcile_stale_runs(experiment)
     parent = os.environ.get(PARENT_ENV) or None
     all_tags = {"stage": stage, **git_commit(), **input_hashes(inputs), **process_tags(), **(tags or {})}
-    with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None, tags=all_tags) as run:
+    with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None, tags=all_tags, log_system_metrics=True) as run:
         flat = {k: ("" if v is None else str(v)[:500]) for k, v in flatten(params).items()}
         items = list(flat.items())
         for i in range(0, len(items), 100):  # MLflow caps one batch at 100 params
             mlflow.log_params(dict(items[i : i + 100]))
+        log_inputs(inputs)
         yield run
+
+
+def path_size(p: Path) -> tuple[int, int]:
+    """(bytes, files) under a file or folder (hidden temporaries left out)."""
+    if p.is_file():
+        return p.stat().st_size, 1
+    files = [f for f in p.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)] if p.is_dir() else []
+    return sum(f.stat().st_size for f in files), len(files)
+
+
+def log_inputs(inputs: Mapping[str, Path], lock_path: str | Path = "dvc.lock") -> None:
+    """Each input as an MLflow dataset of the run (the *Dataset* column of MLflow's UI): named by
+    its role, its source the path, its digest the `dvc.lock` hash of the stage that made it,
+    with its size in bytes and files as tags."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    hashes = input_hashes(inputs, lock_path)
+    datasets, contexts, tags = [], [], []
+    for name, p in inputs.items():
+        p = Path(p)
+        size, files = path_size(p)
+        digest = hashes.get(f"input.{name}") or None
+        with warnings.catch_warnings():  # a local path matches two equal source kinds; either is right
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(p.resolve().as_uri())
+        datasets.append(MetaDataset(source=source, name=f"{name}:{p}", digest=digest))
+        contexts.append("input")
+        tags.append({"bytes": str(size), "files": str(files), "dvc.hash": digest or "not yet in dvc.lock"})
+    if datasets:
+        mlflow.log_inputs(datasets=datasets, contexts=contexts, tags_list=tags)
 
 
 def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
