@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks import collect, preferences, pretrain, quality, reward, sft, tokenize
+from tasks import collect, evaluate, preferences, pretrain, quality, reward, sft, tokenize
 from tasks.stage import main
 from tests.conftest import REPO, dvc, make_project, run_stage, tiny_raw_params
 
@@ -49,6 +49,13 @@ def prepared(tmp_path_factory):
         gpt = GPT(ModelConfig(vocab_size=vocab, n_layer=1, n_head=2, d_model=32, max_seq_len=192))
         save_checkpoint(root / "models/base", gpt, root / "models/tokenizer", {"chat": False})
         save_checkpoint(root / "models/sft", gpt, root / "models/tokenizer", {"chat": True})
+        for aligned in ("ppo", "group_rl", "dpo"):  # what evaluate reads: stand-ins with the SFT weights
+            save_checkpoint(root / f"models/{aligned}", gpt, root / "models/tokenizer", {"chat": True})
+        from tasks.lib.model import ScalarModel
+
+        scalar = ScalarModel(gpt.cfg)
+        scalar.body.load_state_dict(gpt.state_dict())
+        save_checkpoint(root / "models/reward", scalar, root / "models/tokenizer", {"labeler": "human"})
         raw2 = {**raw, "preferences": {**raw["preferences"], "labeler": "file"}}
         run_stage(preferences, parse_params(raw2))
     finally:
@@ -178,6 +185,12 @@ CASES = {
         {"prompt": "p", "completions": ["a", "b"], "ranking": [1, 1]}).encode() + b"\n"), "preferences.jsonl:1", ["data/preferences"]),
     "rankings: a list, not an object": (preferences, corrupt("examples/preferences.jsonl", b"[1, 2]\n"), "preferences.jsonl:1", ["data/preferences"]),
     "preference pairs corrupt": (reward, corrupt("data/preferences/train.jsonl", b'{"prompt": 1}\n'), "train.jsonl:1", ["models/reward"]),
+    # the verdict's own settings (issue 17): too few prompts for the interval asked, a judge the reference loses under
+    "evaluate: split too small for the interval": (evaluate, set_param(**{"evaluate.max_ci_half_width": 0.02}), "evaluate.max_ci_half_width",
+                                                   ["reports/evaluate"]),
+    "evaluate: judge under which the reference loses": (evaluate, lambda: (instruction_file("".join(
+        json.dumps({"prompt": f"What does f{i} do?", "response": f"Return item {i}. Return item {i}. Return item {i}. Return item {i}."}) + "\n"
+        for i in range(300)).encode())(), edit_params(**{"judge.repetition_penalty": 100.0})), "check the judge settings", ["reports/evaluate"]),
 }
 
 
