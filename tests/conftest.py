@@ -51,7 +51,7 @@ def tiny_raw_params() -> dict:
     raw["sft"]["train"].update(steps=4, **small)
     # the gold labeler needs a model good enough to avoid ties; end to end uses the human file
     raw["preferences"].update(labeler="file", val_fraction=0.25, test_fraction=0.25, prompts=12, k=2)  # each split gets an example
-    raw["paths"]["human_preferences"] = str(REPO / "examples" / "preferences.jsonl")
+    raw["paths"]["human_preferences"] = "examples/preferences.jsonl"
     raw["preferences"]["sampling"]["max_new_tokens"] = 8
     raw["reward"]["train"].update(steps=4, **small)
     raw["ppo"].update(steps=2, batch_prompts=4, ckpt_every=1)
