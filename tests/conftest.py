@@ -108,6 +108,14 @@ def run_stage(module, params):
     """Call a stage's pure run() with the paths its module declares."""
     from tasks.stage import resolve
 
+    # sources fingerprints the rankings file that the tiny params' labeler reads
+    # (examples/preferences.jsonl, relative to the folder the stage runs in)
+    rankings = Path(params.paths.human_preferences)
+    if module.STAGE == "sources" and params.preferences.labeler == "file" and not rankings.exists():
+        source = REPO / rankings
+        if source.is_file():
+            rankings.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, rankings)
     return module.run(params, resolve(params, module.STAGE, module.INPUTS), resolve(params, module.STAGE, module.OUTPUTS))
 
 
