@@ -341,6 +341,9 @@ def test_ctrl_c_of_the_flow_stops_everything_in_seconds(tmp_path):
     pids: set[int] = set()
     deadline = time.time() + 240
     while time.time() < deadline:  # until a stage runs under dvc
+        if proc.poll() is not None:  # the flow ended before any stage ran: show why
+            out, err = proc.communicate()
+            pytest.fail(f"the flow exited ({proc.returncode}) before a stage started:\n{err[-3000:]}")
         pids |= process_tree(proc.pid)
         if any("tasks." in Path(f"/proc/{p}/cmdline").read_text(errors="replace") for p in pids if Path(f"/proc/{p}/cmdline").exists()):
             break

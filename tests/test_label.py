@@ -232,7 +232,9 @@ def test_a_failed_write_keeps_the_previous_file_whole(files, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(rankings.os, "fsync", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    from tasks.lib.errors import StageError
+
+    with pytest.raises(StageError, match="disk is full"):
         store.upsert([{**ITEMS[1], "ranking": [0, 1, 2], "labeler": "alice"}])
     assert out.read_bytes() == before and not list(out.parent.glob(".rankings.jsonl.tmp-*"))
 
