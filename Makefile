@@ -1,7 +1,8 @@
 # Two commands do everything on a fresh machine:
 #   make pipeline   set up .venv and run the whole pipeline (dvc repro) on the built-in data
 #   make test       set up .venv and run the tests (CI runs exactly this: .ci/run)
-# Other targets: make setup | make flow (the same pipeline through Prefect) | make serve | make ui
+# Other targets: make setup | make flow (the same pipeline through Prefect) | make serve (the deployment)
+#                make serve-model (chat API + page) | make plots | make ui
 #                make label LABELER=alice (rank completions in the browser: tasks/label.py)
 #   make services / make services-down / make services-status: PostgreSQL, an S3 store, MLflow
 #   and Prefect servers and the deployment's worker on 127.0.0.1 (infra/run-local.sh)
@@ -12,7 +13,7 @@ BIN     := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup pipeline flow serve ui label services services-down services-status test test-fast mutants clean
+.PHONY: setup pipeline flow serve serve-model plots ui label services services-down services-status test test-fast mutants clean
 
 setup: $(STAMP)
 
@@ -35,6 +36,15 @@ flow: setup
 
 serve: setup
 	python -m flows.serve
+
+# the assistant for people: OpenAI-compatible API + chat page on http://127.0.0.1:8000/
+MODEL ?= models:/rlhf@champion
+serve-model: setup
+	python -m tasks.serve --model $(MODEL)
+
+# dvc.yaml's plots drawn offline as PNGs under reports/plots/ (dvc plots show needs a CDN)
+plots: setup
+	python -m tasks.plots
 
 ui: setup
 	@echo "MLflow UI on http://127.0.0.1:5000 (Prefect UI: prefect server start --host 127.0.0.1)"
