@@ -123,3 +123,53 @@ def test_sft_learns_answers_and_leaves_the_shared_prompt_unlearned(workdir, toke
     assert answer_gain > 1.5, gains
     # ... the marker, the same ten words in every prompt and the easiest text to learn, was not
     assert prompt_gain < 0.25 * answer_gain, (prompt_gain, answer_gain)
+
+
+def test_reward_accuracy_recomputed_from_raw_scores_and_the_raw_rankings(workdir, tokenizer_file):
+    """A planted preference (answers with `good` beat answers with `bad`, in either position;
+    six test pairs hold one text twice, so the test figure differs from the val figure).
+    The test builds the pairs from each record's ranking itself and reads the RM's raw score
+    at the readout token of a sequence it assembles from the special-token ids: the stage's
+    test_accuracy must equal that figure, and be high."""
+    from tasks import reward
+    from tasks.lib.bpe import SPECIAL_TOKENS, load_tokenizer
+    from tasks.lib.model import GPT, ModelConfig, load_checkpoint, save_checkpoint
+
+    rng = np.random.default_rng(1)
+    prefs = workdir / "data/preferences"
+    prefs.mkdir(parents=True)
+    records = {}
+    for split, n in (("train", 120), ("val", 30), ("test", 30)):
+        rows = []
+        for i in range(n):
+            good, bad = f"def function_{i}(value): good", f"def function_{i}(value): bad"
+            if split == "test" and i < 6:  # a pair no model can order (one text twice): test accuracy <= 24/30
+                bad = good
+            flip = bool(rng.integers(2))
+            completions = [bad, good] if flip else [good, bad]
+            rows.append({"id": f"{split}-{i}", "prompt": f"return value + {i}", "completions": completions,
+                         "finished": [True, True], "ranking": [1, 0] if flip else [0, 1], "labeler": "gold"})
+        (prefs / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        records[split] = rows
+    tok_dir = tokenizer_file.parent
+    tok = load_tokenizer(tok_dir)
+    torch.manual_seed(0)
+    sft = GPT(ModelConfig(vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, d_model=32, max_seq_len=192))
+    save_checkpoint(workdir / "models/sft", sft, tok_dir, {"stage": "sft", "chat": True})
+    params = params_with(reward__train={"steps": 30, "lr": 0.003, "batch_size": 8, "eval_every": 10, "ckpt_every": 10})
+    metrics = run_stage(reward, params)
+
+    rm, _ = load_checkpoint(workdir / "models/reward", kind="scalar")
+    sp = {k: tok.token_to_id(v) for k, v in SPECIAL_TOKENS.items()}
+
+    def score(prompt: str, completion: str) -> float:
+        ids = [sp["eot"], sp["user"], *tok.encode(prompt, add_special_tokens=False).ids, sp["end_of_turn"], sp["assistant"],
+               *tok.encode(completion, add_special_tokens=False).ids, sp["end_of_turn"], sp["reward"]]
+        with torch.no_grad():
+            return float(rm(torch.tensor([ids]))[0, -1])
+
+    right = [score(r["prompt"], r["completions"][r["ranking"][0]]) > score(r["prompt"], r["completions"][r["ranking"][1]])
+             for r in records["test"]]
+    assert metrics["test_accuracy"] == pytest.approx(float(np.mean(right)), abs=1e-9)
+    assert metrics["test_pairs"] == len(right)
+    assert 0.7 <= np.mean(right) <= 0.8  # every learnable test pair right, the six unorderable ones wrong
