@@ -149,3 +149,44 @@ def test_same_seed_gives_byte_identical_outputs(tmp_path, monkeypatch, tiny_para
         digests.append({**tree_digest(tmp_path / run / "data"), **tree_digest(tmp_path / run / "models")})
     assert digests[0] == digests[1]
     assert any(k.endswith("train.bin") for k in digests[0])
+
+
+@pytest.mark.parametrize("weights, names", [
+    ({"zeta": 5.0, "alpha": 2.0, "mid": 3.0}, ("zeta", "alpha", "mid")),          # unnormalised, names in no sorted order
+    ({"alpha": 0.05, "mid": 0.6, "zeta": 0.35}, ("mid", "zeta", "alpha")),
+])
+def test_mix_shares_recomputed_from_the_shards_and_the_index(workdir, tiny_params, weights, names):
+    """Several shards per source of different sizes; the realised byte shares recomputed here
+    from the index rows and the shards' texts (pyarrow directly), not from the stage's figures."""
+    import pyarrow.parquet as pq
+
+    sizes = {"zeta": (230, 150), "alpha": (90, 400), "mid": (400, 60)}
+    for name in names:
+        n, size = sizes[name]
+        write_docs(workdir / "data/dedup" / name, [doc_row(f"{name}/{i}", name, (f"{name} {i} " * size)[: size + i % 17])
+                                                    for i in range(n)], shard_docs=37)
+        assert len(list((workdir / "data/dedup" / name).glob("part-*.parquet"))) > 2
+    params = mix_params(tiny_params.model_copy(update={"collect": tiny_params.collect.model_copy(update={"sources": [
+        s.model_copy(update={"name": n}) for s, n in zip(tiny_params.collect.sources, names)]})}), weights, max_epochs=50.0)
+    m = run_stage(mix, params)
+    train_bytes, available, train_docs = {}, 0, 0
+    for name in names:
+        index = pq.read_table(workdir / "data/mix" / f"{name}.parquet").to_pylist()
+        texts = {}
+        for shard in {r["shard"] for r in index}:
+            assert shard.startswith(f"{name}/")
+            texts[shard] = pq.read_table(workdir / "data/dedup" / shard, columns=["text"]).column("text").to_pylist()
+        assert len({(r["shard"], r["row"]) for r in index}) == len(index)  # one row per document used
+        assert all(0 <= r["row"] < len(texts[r["shard"]]) for r in index)
+        train_bytes[name] = sum(len(texts[r["shard"]][r["row"]].encode()) * r["train_count"] for r in index)
+        train_docs += sum(r["train_count"] for r in index)
+        val_rows = {(r["shard"], r["row"]) for r in index if r["val"]}
+        assert not any(r["val"] and r["train_count"] for r in index)
+        available += sum(len(t.encode()) for shard, ts in texts.items() for row, t in enumerate(ts) if (shard, row) not in val_rows)
+    total, wsum = sum(train_bytes.values()), sum(weights.values())
+    assert params.mix.total is None  # then the mixture is as large as the training documents together
+    assert abs(total - available) <= 3 * 500
+    for name in names:
+        assert train_bytes[name] / total == pytest.approx(weights[name] / wsum, abs=0.02), (name, train_bytes)
+        assert train_bytes[name] / total == pytest.approx(m["sources"][name]["realised_share"], abs=1e-3)  # what it reports is what it wrote
+    assert train_docs == m["train_docs"]
