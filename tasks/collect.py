@@ -4,7 +4,7 @@
 
 Source kinds: `builtin` (the offline corpora of tasks/lib/corpora.py), `hf`
 (`datasets.load_dataset`: a hub dataset or local json/parquet/text files) and `files` (local
-globs of .jsonl/.json/.parquet/.txt). Output: `data/raw/<source>/part-*.parquet` with columns
+globs of .jsonl/.json/.parquet/.txt; .jsonl.gz, .jsonl.zst, .txt.gz ... decompressed as read). Output: `data/raw/<source>/part-*.parquet` with columns
 id, source, text, meta. Documents with invalid UTF-8, empty or oversized text, a missing text
 field or a repeated id are dropped and counted per reason; a source that yields no document
 at all stops the stage with an error naming it.
@@ -96,24 +96,68 @@ def read_files(src: FilesSource, paths: list[str] | None = None) -> Iterator[Rec
     paths = paths or matching_files(src)
     n = 0
     for path in paths:
-        suffix = Path(path).suffix.lower()
+        suffix = file_kind(path)
         if suffix in (".jsonl", ".json"):
             records = _jsonl(path, src)
         elif suffix == ".parquet":
             records = _parquet(path, src)
         elif suffix in (".txt", ".md", ".text"):
-            records = iter([(path, Path(path).read_bytes(), {"path": path})])
+            records = _whole_file(path)
         else:
-            raise StageError(f"source '{src.name}': {path}: unsupported file type '{suffix}' (use .jsonl, .json, .parquet or .txt)")
-        for rec in records:
-            if src.limit is not None and n >= src.limit:
-                return
-            n += 1
-            yield rec
+            raise StageError(f"source '{src.name}': {path}: unsupported file type '{suffix}' "
+                             "(use .jsonl, .json, .parquet or .txt, the text ones optionally .gz or .zst)")
+        try:
+            for rec in records:
+                if src.limit is not None and n >= src.limit:
+                    return
+                n += 1
+                yield rec
+        except (EOFError, OSError, _ZstdError) as err:  # truncated or corrupt compressed file: the whole input is bad
+            if isinstance(err, OSError) and err.errno is not None:
+                raise
+            raise StageError(f"source '{src.name}': {path}: not a readable {Path(path).suffix} file ({err}); "
+                             "nothing was written") from None
+
+
+try:
+    from zstandard import ZstdError as _ZstdError
+except ImportError:  # pragma: no cover - zstandard is a dependency
+    class _ZstdError(Exception):
+        pass
+
+
+def file_kind(path: str) -> str:
+    """The format suffix of a data file, under its compression suffix (`a.jsonl.gz` -> `.jsonl`)."""
+    parts = [s.lower() for s in Path(path).suffixes]
+    if parts and parts[-1] in (".gz", ".zst") and len(parts) > 1:
+        return parts[-2]
+    return parts[-1] if parts else ""
+
+
+def open_data(path: str):
+    """A binary reader of a data file, decompressing `.gz` (gzip) and `.zst` (Zstandard) as it reads."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".gz":
+        import gzip
+
+        return gzip.open(path, "rb")
+    if suffix == ".zst":
+        import io
+
+        import zstandard
+
+        # the decompressing reader has no readline: buffer it so files iterate by lines
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+def _whole_file(path: str) -> Iterator[Record]:
+    with open_data(path) as fh:
+        yield path, fh.read(), {"path": path}
 
 
 def _jsonl(path: str, src: FilesSource) -> Iterator[Record]:
-    with open(path, "rb") as fh:
+    with open_data(path) as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue

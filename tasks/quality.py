@@ -7,12 +7,15 @@ Per document (roles as configured), in this order:
    ("log in" matches "Log in!", not "changelog in"), navigation lines ("Home | About | Blog")
    and short lines without terminal punctuation (buttons) are removed from the text;
    counted per reason
-2. document rules (Gopher, C4): word count bounds, mean word length, symbol-to-word ratio,
-   words with a letter, stop words, bullet lines, ellipsis lines, lines ending in
-   punctuation, repeated lines, top 2-gram and repeated 5-gram coverage, boilerplate share;
-   each returns keep-or-reason, e.g. `(False, "too_few_words")`
-3. language: langid.py (its model ships with the package: no download) on the first
-   characters; kept when the language is listed with enough probability
+2. language, first, so that the rules know it: fastText's lid.176 (default) or langid.py,
+   both offline (tasks/lib/languages.py), on the first characters; kept when the language
+   is listed with enough probability
+3. document rules (Gopher, C4) for that language: word count bounds, mean word length,
+   symbol-to-word ratio, words with a letter, the language's stop words, bullet lines,
+   ellipsis lines, lines ending in punctuation, repeated lines, top 2-gram and repeated
+   5-gram coverage, boilerplate share; each returns keep-or-reason, e.g.
+   `(False, "too_few_words")`. A rule that cannot apply to a language (no stop-word list;
+   word rules for scripts without spaces) is skipped for it and counted (`rules_skipped`)
 4. classifier (optional, `classifier.enabled`): fastText trained as GPT-3's, reference (+)
    against crawl (-), on the line-cleaned text, so it learns the prose rather than the page
    chrome; kept when the score passes the threshold or by GPT-3's rule
@@ -46,6 +49,7 @@ import pyarrow.parquet as pq
 from tasks.config import Params
 from tasks.lib.errors import StageError
 from tasks.lib.hashing import in_fraction, unit_interval
+from tasks.lib.languages import identify, spaceless, stop_words
 from tasks.lib.process import die_with_parent
 from tasks.lib.storage import DOC_SCHEMA, atomic_dir, read_shard_table, shard_files, shard_rows, source_folders, write_json
 
@@ -56,11 +60,10 @@ INPUTS = ("raw",)
 OUTPUTS = ("filtered", "dropped", "quality_model")
 
 HQ, LQ = "__label__hq", "__label__lq"
-PUNCT_END = tuple(".!?:;\"')]”’")
+PUNCT_END = tuple(".!?:;\"')]”’。！？；：」』）")  # and the full-width ends of CJK sentences
 SYMBOLS = re.compile(r"#|\.\.\.|…")
 BULLETS = ("•", "●", "▪", "‣", "◦", "-", "*", "·")
 NAV_SEPARATORS = {"|", "·", "»", "›", "•", "/"}
-STOP_WORDS = {"the", "be", "to", "of", "and", "that", "have", "with"}  # Gopher's list
 
 
 # ------------------------------------------------------------------------ 1. lines
@@ -93,23 +96,35 @@ def clean_lines(text: str, cfg: Any, pattern: re.Pattern | None) -> tuple[str, C
 
 
 # ------------------------------------------------------------------------ 2. documents
-def rule_filter(text: str, cfg: Any, pattern: re.Pattern | None = None) -> tuple[bool, str | None]:
-    """Keep (True, None) or drop (False, reason) by the Gopher/C4-style heuristics."""
+def rule_filter(text: str, cfg: Any, pattern: re.Pattern | None = None, lang: str | None = None,
+                skipped: Counter | None = None) -> tuple[bool, str | None]:
+    """Keep (True, None) or drop (False, reason) by the Gopher/C4-style heuristics, for the
+    document's language `lang` (None: language ID off, English lists). Rules that cannot
+    apply to the language are skipped and counted in `skipped` as `<rule>:<lang>`."""
     words = text.split()
-    n = len(words)
+    per_word = spaceless(lang)
+    # scripts without spaces: words estimated from letters; word-shape rules do not apply
+    n = int(sum(c.isalpha() for c in text) / per_word) if per_word else len(words)
     if n < cfg.min_words:
         return False, "too_few_words"
     if n > cfg.max_words:
         return False, "too_many_words"
-    mean_len = sum(len(w) for w in words) / n
-    if not cfg.min_mean_word_len <= mean_len <= cfg.max_mean_word_len:
-        return False, "mean_word_length"
+    if per_word:
+        if skipped is not None:
+            skipped.update(f"{rule}:{lang}" for rule in ("mean_word_length", "few_stop_words", "top_2gram", "duplicate_5grams"))
+    else:
+        mean_len = sum(len(w) for w in words) / n
+        if not cfg.min_mean_word_len <= mean_len <= cfg.max_mean_word_len:
+            return False, "mean_word_length"
     if len(SYMBOLS.findall(text)) / n > cfg.max_symbol_word_ratio:
         return False, "symbol_ratio"
-    if sum(any(c.isalpha() for c in w) for w in words) / n < cfg.min_alpha_word_fraction:
+    if not per_word and sum(any(c.isalpha() for c in w) for w in words) / n < cfg.min_alpha_word_fraction:
         return False, "non_alpha_words"
     lower = [w.lower().strip(".,;:!?\"'()[]") for w in words]
-    if len(STOP_WORDS.intersection(lower)) < cfg.min_stop_words:
+    stops = stop_words(lang)
+    if stops is None and not per_word and skipped is not None:
+        skipped[f"few_stop_words:{lang}"] += 1
+    if stops is not None and not per_word and len(stops.intersection(lower)) < cfg.min_stop_words:
         return False, "few_stop_words"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if sum(ln.startswith(BULLETS) for ln in lines) / len(lines) > cfg.max_bullet_line_fraction:
@@ -121,14 +136,16 @@ def rule_filter(text: str, cfg: Any, pattern: re.Pattern | None = None) -> tuple
     if (len(lines) - len(set(lines))) / len(lines) > cfg.max_duplicate_line_fraction:
         return False, "duplicate_lines"
     total_chars = sum(len(w) for w in lower) or 1
-    if n >= 2:
+    if per_word:
+        lower = []  # no whitespace words to count n-grams over
+    if len(lower) >= 2:
         (a, b), count = Counter(zip(lower, lower[1:])).most_common(1)[0]
         if count > 1 and count * (len(a) + len(b)) / total_chars > cfg.max_top_2gram_fraction:
             return False, "top_2gram"
-    if n >= 5:
+    if len(lower) >= 5:
         grams = list(zip(*(lower[i:] for i in range(5))))
         counts = Counter(grams)
-        covered = np.zeros(n, dtype=bool)
+        covered = np.zeros(len(lower), dtype=bool)
         for i, g in enumerate(grams):
             if counts[g] > 1:
                 covered[i : i + 5] = True
@@ -143,18 +160,9 @@ def rule_filter(text: str, cfg: Any, pattern: re.Pattern | None = None) -> tuple
 
 
 # ------------------------------------------------------------------------ 3. language
-_LANGID = None
-
-
-def language(text: str, max_chars: int) -> tuple[str, float]:
-    """(language code, probability) by langid.py, whose model ships inside the package."""
-    global _LANGID
-    if _LANGID is None:
-        from langid.langid import LanguageIdentifier, model
-
-        _LANGID = LanguageIdentifier.from_modelstring(model, norm_probs=True)
-    lang, prob = _LANGID.classify(text[:max_chars])
-    return lang, float(prob)
+def language(text: str, max_chars: int, backend: str = "fasttext") -> tuple[str, float]:
+    """(language code, probability) of one text (tasks/lib/languages.py)."""
+    return identify([text], max_chars, backend)[0]
 
 
 # ------------------------------------------------------------------------ 4. classifier
@@ -279,18 +287,21 @@ def filter_shard(task: ShardTask) -> dict[str, Any]:
     held_scores, held_labels = [], []
     cleaned = [_prepare(t, task.role, q, pattern) for t in texts]
     scores = hq_scores(model, [ft_text(c, q.classifier.max_chars) for c, _ in cleaned]) if classify else None
+    identified = q.language.enabled and task.role in q.language.roles
+    langs = identify([c for c, _ in cleaned], q.language.max_chars, q.language.identifier) if identified and cleaned else None
+    skipped, by_language = Counter(), Counter()
     for i, (doc_id, meta_s) in enumerate(zip(ids, metas)):
         text, removed = cleaned[i]
         lines_removed.update(removed)
         meta = json.loads(meta_s)
-        keep, reason = True, None
-        if task.role in q.rules.roles:
-            keep, reason = rule_filter(text, q.rules, pattern)
-        if keep and q.language.enabled and task.role in q.language.roles:
-            lang, prob = language(text, q.language.max_chars)
+        keep, reason, lang = True, None, None
+        if langs is not None:  # language first: the rules below are that language's
+            lang, prob = langs[i]
             meta["language"] = lang
             if lang not in q.language.languages or prob < q.language.min_probability:
                 keep, reason = False, "language"
+        if keep and task.role in q.rules.roles:
+            keep, reason = rule_filter(text, q.rules, pattern, lang, skipped)
         if scores is not None:
             s = float(scores[i])
             meta["quality_score"] = round(s, 6)
@@ -302,6 +313,8 @@ def filter_shard(task: ShardTask) -> dict[str, Any]:
         if "is_low_quality" in meta:
             truth_pred[(bool(meta["is_low_quality"]), not keep)] += 1
         row = {"id": doc_id, "source": task.source, "text": text}
+        if lang is not None:
+            by_language[f"{lang}:{'kept' if keep else reason}"] += 1
         if keep:
             kept.append({**row, "meta": json.dumps(meta, sort_keys=True)})
         else:
@@ -312,7 +325,8 @@ def filter_shard(task: ShardTask) -> dict[str, Any]:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(pa.Table.from_pylist(rows, schema=DOC_SCHEMA), out, compression="zstd")
     return {"docs": len(ids), "kept": len(kept), "reasons": dict(reasons), "lines_removed": dict(lines_removed),
-            "hist": hist.tolist(), "truth_pred": {f"{t}:{p}": c for (t, p), c in truth_pred.items()}}
+            "hist": hist.tolist(), "truth_pred": {f"{t}:{p}": c for (t, p), c in truth_pred.items()},
+            "rules_skipped": dict(skipped), "by_language": dict(by_language)}
 
 
 def holdout_scores(task: ShardTask) -> tuple[list[float], list[int]]:
@@ -372,9 +386,10 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
             if q.write_dropped:
                 (drop_dir / name).mkdir(parents=True, exist_ok=True)
     hist = np.zeros(10, dtype=np.int64)
-    truth = Counter()
-    lines = Counter()
+    truth, lines, skipped, by_language = Counter(), Counter(), Counter(), Counter()
     for (name, role, _), r in zip(shards, results):
+        skipped.update(r["rules_skipped"])
+        by_language.update(r["by_language"])
         s = metrics["sources"].setdefault(name, {"docs_in": 0, "kept": 0, "dropped": Counter(), "lines_removed": Counter(),
                                                  "classified": c.enabled and role in c.apply_to_roles})
         s["docs_in"] += r["docs"]
@@ -389,6 +404,13 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     metrics["docs_in"] = sum(s["docs_in"] for s in metrics["sources"].values())
     metrics["kept"] = sum(s["kept"] for s in metrics["sources"].values())
     metrics["lines_removed"] = dict(sorted(lines.items()))
+    # per identified language: documents kept and dropped (by reason); rules skipped for a language
+    langs: dict[str, dict[str, int]] = {}
+    for key, count in sorted(by_language.items()):
+        lang, _, outcome = key.partition(":")
+        langs.setdefault(lang, {})[outcome] = count
+    metrics["languages"] = langs
+    metrics["rules_skipped"] = dict(sorted(skipped.items()))
     if c.enabled:
         metrics["score_histogram"] = {f"{i / 10:.1f}-{(i + 1) / 10:.1f}": int(h) for i, h in enumerate(hist)}
     if truth:

@@ -136,3 +136,39 @@ def test_files_are_read_in_parallel_and_ids_stay_unique_across_files(workdir):
         assert m["sources"]["s"]["dropped"] == {"duplicate_id": 4} and m["sources"]["s"]["docs"] == 11
     assert results[0] == results[1]
     assert [i for i, _ in results[0]][:2] == ["s/k0", "s/k1"] and dict(results[0])["s/k0"] == "file 0 document 0"  # the first file wins
+
+
+def test_compressed_jsonl_and_text_read_as_plain(workdir):
+    import gzip
+
+    import zstandard
+
+    docs = [{"id": str(i), "text": f"Document number {i} about compressed inputs."} for i in range(5)]
+    body = "".join(json.dumps(d) + "\n" for d in docs).encode()
+    (workdir / "plain").mkdir()
+    (workdir / "plain/a.jsonl").write_bytes(body)
+    (workdir / "packed").mkdir()
+    (workdir / "packed/a.jsonl.gz").write_bytes(gzip.compress(body))
+    (workdir / "packed/b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(body.replace(b'"id": "', b'"id": "z')))
+    (workdir / "packed/c.txt.gz").write_bytes(gzip.compress("A whole text file, compressed.".encode()))
+    srcs = [{"name": "plain", "kind": "files", "role": "crawl", "globs": ["plain/*"], "id_field": "id"},
+            {"name": "packed", "kind": "files", "role": "crawl", "globs": ["packed/*"], "id_field": "id"}]
+    m = run_stage(collect, params_with(srcs))
+    assert m["sources"]["packed"]["docs"] == 11 and m["sources"]["plain"]["docs"] == 5
+    plain = {r["id"].split("/", 1)[1]: r["text"] for r in read_docs(workdir / "data/raw/plain")}
+    packed = {r["id"].split("/", 1)[1]: r["text"] for r in read_docs(workdir / "data/raw/packed")}
+    assert {k: packed[k] for k in plain} == plain and {packed[f"z{k}"] for k in plain} == set(plain.values())
+    assert "A whole text file, compressed." in packed.values()
+
+
+@pytest.mark.parametrize("name, data", [("cut.jsonl.gz", None), ("bad.jsonl.zst", b"not zstd at all")])
+def test_a_truncated_or_corrupt_archive_is_one_error_naming_it(workdir, name, data):
+    import gzip
+
+    (workdir / "in").mkdir()
+    if data is None:
+        data = gzip.compress(b"".join(json.dumps({"text": f"doc {i} " * 50}).encode() + b"\n" for i in range(200)))[:300]
+    (workdir / "in" / name).write_bytes(data)
+    with pytest.raises(StageError, match=name.replace(".", r"\.")):
+        run_stage(collect, params_with([{"name": "s", "kind": "files", "role": "crawl", "globs": ["in/*"]}]))
+    assert not (workdir / "data/raw").exists() or not any((workdir / "data/raw").rglob("*.parquet"))

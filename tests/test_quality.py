@@ -138,3 +138,82 @@ def test_a_crawl_only_corpus_runs_with_the_classifier_off(workdir, tiny_params):
     assert "classifier" not in m and m["kept"] > 0
     assert m["vs_ground_truth"]["recall"] > 0.6
     assert not (workdir / "models/quality/model.bin").exists()
+
+
+# ---------------------------------------------------------------- languages (issue 21)
+GERMAN = (
+    "Das Modul json wandelt Objekte von Python in Text im Format JSON um und liest solchen Text "
+    "wieder ein. Mit der Funktion dumps entsteht eine Zeichenkette, mit loads wird sie gelesen. "
+    "Die Schlüssel eines Wörterbuchs müssen Zeichenketten sein, und Zahlen mit Nachkommastellen "
+    "werden so genau geschrieben, dass sie ohne Verlust zurückgelesen werden können.\n"
+    "Ein Fehler beim Lesen nennt die Zeile und die Spalte, an der das Problem auftritt, damit es "
+    "sich schnell finden lässt. Eigene Typen lassen sich über eine Funktion für den Standardfall unterstützen."
+)
+FINNISH = (
+    "Moduuli json muuntaa Pythonin olioita JSON-tekstiksi ja lukee tekstin takaisin olioiksi. "
+    "Funktiolla dumps saadaan merkkijono ja funktiolla loads se luetaan. Sanakirjan avainten täytyy "
+    "olla merkkijonoja, ja liukuluvut kirjoitetaan niin tarkasti, että ne voidaan lukea takaisin ilman "
+    "häviötä. Virheilmoitus kertoo rivin ja sarakkeen, jossa ongelma on, joten se löytyy nopeasti.\n"
+    "Omia tyyppejä voidaan tukea antamalla oletusfunktio, joka muuntaa ne tuetuiksi arvoiksi."
+)
+CHINESE = (
+    "json 模块把 Python 对象编码成 JSON 文本，也能把 JSON 文本解码回 Python 对象。使用 dumps 可以得到一个字符串，"
+    "使用 loads 可以解析字符串。字典的键必须是字符串，浮点数会写出足够的位数，以便准确地读回。\n"
+    "解析出错时会抛出异常，并报告问题所在的行和列，方便快速找到错误的位置。自定义类型可以通过默认函数来支持。"
+)
+
+
+@pytest.mark.parametrize("backend", ["fasttext", "langid"])
+def test_both_identifiers_are_offline_and_tell_languages_apart(backend):
+    from tasks.lib.languages import identify
+
+    got = [lang for lang, _ in identify([GOOD, GERMAN, FINNISH, CHINESE, "Модуль json кодирует объекты Python в текст JSON и обратно."],
+                                        1000, backend)]
+    assert got == ["en", "de", "fi", "zh", "ru"]
+
+
+def test_rules_use_the_documents_language():
+    from collections import Counter
+
+    rules = cfg("quality.rules")
+    # German prose has none of Gopher's English stop words: dropped as English, kept as German
+    assert quality.rule_filter(GERMAN, rules, lang="en") == (False, "few_stop_words")
+    assert quality.rule_filter(GERMAN, rules, lang="de") == (True, None)
+    assert quality.rule_filter(GERMAN, rules) == (False, "few_stop_words")  # language ID off: English lists, as before
+    # no stop-word list for Finnish: the rule is skipped for it, and counted
+    skipped = Counter()
+    assert quality.rule_filter(FINNISH, rules, lang="fi", skipped=skipped) == (True, None)
+    assert skipped == {"few_stop_words:fi": 1}
+    # Chinese has no spaces: 3 whitespace "words", but about 110 estimated from its letters
+    assert len(CHINESE.split()) < rules.min_words
+    skipped = Counter()
+    assert quality.rule_filter(CHINESE, rules, lang="zh", skipped=skipped) == (True, None)
+    assert skipped == {"mean_word_length:zh": 1, "few_stop_words:zh": 1, "top_2gram:zh": 1, "duplicate_5grams:zh": 1}
+    assert quality.rule_filter(CHINESE[:40], rules, lang="zh") == (False, "too_few_words")
+    assert quality.rule_filter(CHINESE, rules, lang="en") == (False, "too_few_words")  # what it did before
+
+
+def test_a_multilingual_crawl_keeps_good_pages_in_every_listed_language(workdir):
+    from tasks.config import parse_params
+
+    pages = [("en", GOOD), ("de", GERMAN), ("fi", FINNISH), ("zh", CHINESE)]
+    rows = [{"id": f"{lang}-{i}", "text": text.replace("json", f"json{i}")} for i in range(3) for lang, text in pages]
+    rows.append({"id": "de-spam", "text": "kaufen kaufen kaufen jetzt billig " * 20})
+    (workdir / "crawl.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    raw = tiny_raw_params()
+    raw["collect"]["sources"] = [{"name": "multi", "kind": "files", "role": "crawl", "globs": ["crawl.jsonl"], "id_field": "id"}]
+    raw["mix"]["weights"] = {"multi": 1.0}
+    raw["quality"]["classifier"]["enabled"] = False
+    raw["quality"]["lines"]["roles"] = []
+    raw["quality"]["language"].update(languages=["en", "de", "zh"])
+    params = parse_params(raw)
+    for stage in (sources, collect):
+        run_stage(stage, params)
+    m = run_stage(quality, params)
+    kept = sorted(r["id"] for r in read_docs(workdir / "data/filtered/multi"))
+    assert kept == sorted(f"multi/{lang}-{i}" for i in range(3) for lang in ("en", "de", "zh"))
+    assert m["languages"]["de"] == {"kept": 3, "few_stop_words": 1}  # the spam page has none of the German stop words
+    assert m["languages"]["fi"] == {"language": 3}  # not listed: dropped by language before any rule
+    assert m["languages"]["zh"] == {"kept": 3}
+    assert m["rules_skipped"]["few_stop_words:zh"] == 3
+    assert m["sources"]["multi"]["dropped"]["language"] == 3
