@@ -97,7 +97,7 @@ def main(module: ModuleType, argv: Sequence[str] | None = None) -> int:
     try:
         params = load_params(args.params)
         ins, outs = resolve(params, stage, module.INPUTS), resolve(params, stage, module.OUTPUTS)
-        check_output_paths({**outs, "metrics": metrics_path(params, stage)}, params.paths.output_roots, Path.cwd())
+        check_output_paths({**outs, "metrics": metrics_path(params, stage)}, params.paths.output_roots, Path.cwd(), tracked_ok=("metrics",))
         clean_all_stale(params)
         for name, p in ins.items():
             if not p.exists():

@@ -75,6 +75,18 @@ def test_an_output_that_would_replace_a_tracked_file_is_refused(work, capsys):
     expect_refused(sources, capsys, "which git tracks", ["data/keep.json"], work)
 
 
+def test_a_committed_metrics_file_is_rewritten(work, capsys):
+    """reports/<stage>.json is `cache: false` in dvc.yaml: git holds it, and the stage rewrites it
+    (a clone of a repository with committed figures must still run)."""
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    (work / "reports").mkdir(exist_ok=True)
+    (work / "reports/sources.json").write_text("{}")
+    subprocess.run(["git", "add", "-f", "reports/sources.json"], cwd=work, check=True)
+    code, err = run_main(sources, capsys)
+    assert code == 0, err[-1500:]
+    assert json.loads((work / "reports/sources.json").read_text())  # the stage's figures, not the committed {}
+
+
 # ------------------------------------------------------------------ silently wrong: registration
 REGISTER = """
 import contextlib, sys, time

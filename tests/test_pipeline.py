@@ -79,6 +79,22 @@ def test_fresh_clone_ends_with_a_champion_in_a_clean_tree(ran_project, tmp_path)
         assert v.tags["git.dirty"] == "false" and v.tags["parent_model"] == f"{parent}/1", (name, v.tags)
         assert v.description and "made by the" in v.description  # the model card
     assert client.get_model_version("reward", "1").tags["labeler"] == "human"  # the tiny project ranks from a file
+    for name in ("base", "sft", "reward"):  # every registered version has its card
+        assert client.get_model_version(name, "1").description
+    # every stage's run lists what it read as MLflow datasets (the UI's Dataset column), with DVC's hashes
+    import yaml as _yaml
+
+    spec = _yaml.safe_load((clone / "dvc.yaml").read_text())["stages"]
+    runs = {}
+    for exp in client.search_experiments():
+        for r in client.search_runs([exp.experiment_id], max_results=1000):
+            runs.setdefault(r.data.tags.get("stage"), r)
+    for stage in STAGES[1:]:  # sources reads only params.yaml
+        run = runs[stage]
+        names = {d.dataset.name.split(":", 1)[0] for d in run.inputs.dataset_inputs}
+        assert names and len(names) == len(run.inputs.dataset_inputs), (stage, names)
+        assert all(d.dataset.digest for d in run.inputs.dataset_inputs), stage  # the dvc.lock hash of what it read
+        assert len(spec[stage]["deps"]) > len(names)  # its code is a dependency too, its inputs are datasets
     for stage in STAGES:  # DVC metrics hold no figure that changes from run to run
         metrics = json.loads((clone / f"reports/{stage}.json").read_text())
         assert not [k for k in metrics if k in VOLATILE], stage

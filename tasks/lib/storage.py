@@ -74,10 +74,12 @@ def _fault_point(name: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def check_output_paths(outputs: dict[str, Path], roots: Iterable[str], project: Path) -> None:
+def check_output_paths(outputs: dict[str, Path], roots: Iterable[str], project: Path, tracked_ok: Iterable[str] = ()) -> None:
     """Every output, resolved through symlinks, lies inside one of the output folders (a root
     folder that is itself a symlink, e.g. data/ on a larger disk, is honoured; a link below it
-    that leads elsewhere is not), and is neither a file git tracks nor a folder holding one."""
+    that leads elsewhere is not), and is neither a file git tracks nor a folder holding one.
+    The outputs named in `tracked_ok` may be tracked files: a stage's metrics file, which
+    dvc.yaml leaves to git (`cache: false`) so that a clone has the committed figures."""
     import subprocess
 
     project = project.resolve()
@@ -90,7 +92,7 @@ def check_output_paths(outputs: dict[str, Path], roots: Iterable[str], project: 
             raise StageError(f"output '{name}' ({p}) resolves to {full}, outside the output folders "
                              f"({', '.join(f'{r} -> {a}' for r, a in allowed.items())}): a symlink leads out of them; fix the path or the link")
         inside = sorted(t for t in tracked if t == full or full in t.parents)
-        if inside:
+        if inside and not (name in tracked_ok and inside == [full]):
             raise StageError(f"output '{name}' ({p}) would replace {inside[0].relative_to(project)}, which git tracks: choose another path")
 
 
