@@ -31,6 +31,12 @@ from pathlib import Path
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+
+def artifact_key(stage: str) -> str:
+    """Prefect artifact keys take lowercase letters, digits and dashes only (group_rl -> group-rl)."""
+    return re.sub(r"[^a-z0-9-]", "-", stage.lower())
+
 from prefect.cache_policies import NONE
 
 from tasks.config import load_params
@@ -165,14 +171,14 @@ def run_stage(stage: str, project: str, reports: str, parent_run_id: str | None)
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     rows = [{"metric": k, "value": v} for k, v in flatten(metrics).items()]
     if rows:
-        create_table_artifact(key=f"{stage}-metrics", table=rows, description=f"Metrics of stage '{stage}' ({'ran' if ran else 'up to date, skipped'})")
+        create_table_artifact(key=f"{artifact_key(stage)}-metrics", table=rows, description=f"Metrics of stage '{stage}' ({'ran' if ran else 'up to date, skipped'})")
     md = Path(project) / reports / stage / "report.md"
     if md.is_file():
         text = embed_images(md.read_text(), md.parent)
         promotion = promotion_of(parent_run_id) if stage == "evaluate" and ran else None
         if promotion:
             text += f"\n**Promotion**: {promotion['decision']} ({promotion['reason']})\n"
-        create_markdown_artifact(key=f"{stage}-report", markdown=text, description=f"Report of stage '{stage}'")
+        create_markdown_artifact(key=f"{artifact_key(stage)}-report", markdown=text, description=f"Report of stage '{stage}'")
     return {"stage": stage, "ran": ran, "metrics": metrics}
 
 

@@ -218,3 +218,37 @@ def test_doc_match_items_are_seeded_and_hold_the_right_answer_once():
         assert len(set(it["choices"])) == 4 and it["context"] == f"Q: {e['messages'][0]['content']}\nA:"
     assert {it["gold"] for it in items} != {items[0]["gold"]}  # the right answer moves
     assert benchmarks.first_sentence("One two. Three") == "One two." and benchmarks.first_sentence("a " * 40) == " ".join(["a"] * 32)
+
+
+JUDGE_IN_A_PROCESS = """
+import sys
+from tasks.lib import corpora
+from tasks.lib.instructions import python_qa
+from tasks.lib.judge import Judge
+ex = list(python_qa(200, 0))
+refs = [e["messages"][1]["content"] for e in ex]
+qs = [e["messages"][0]["content"] for e in ex]
+j = Judge(list(zip(qs, refs)), 0.5, 0.3, 16)
+s = j.scores([refs[(i + 1) % len(refs)] + " " + qs[i] for i in range(len(refs))], qs, refs, [True] * len(refs))
+c = j.constant_scores(refs[:20], qs, refs)
+print(repr(s.tolist()), repr(c.tolist()))
+"""
+
+
+def test_judge_scores_are_bit_identical_under_any_hash_seed():
+    """Python randomises the order of a set of strings per process (PYTHONHASHSEED): scores
+    summed over word sets must not depend on it, or a fresh clone's report differs in the
+    last bits from the committed one."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    outs = set()
+    for seed in ("1", "2", "3"):
+        res = subprocess.run([sys.executable, "-c", JUDGE_IN_A_PROCESS], cwd=repo, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(repo)})
+        assert res.returncode == 0, res.stderr[-2000:]
+        outs.add(res.stdout)
+    assert len(outs) == 1

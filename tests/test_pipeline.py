@@ -121,7 +121,8 @@ def test_changed_code_and_params_rerun_what_depends_on_them(ran_project):
     env = local_env(ran_project)
     ppo = ran_project / "tasks/ppo.py"
     source = ppo.read_text()
-    ppo.write_text(source.replace("beta1=0.9, beta2=0.95)", "beta1=0.9, beta2=0.96)"))
+    assert "seed=params.seed," in source
+    ppo.write_text(source.replace("seed=params.seed,", "seed=params.seed + 1,"))  # a real change: other samples, other weights
     try:
         res = dvc(ran_project, "repro", env=env)
         assert ran(res.stdout) == ["sources", "ppo", "evaluate"], res.stdout
@@ -204,8 +205,10 @@ def test_a_stage_with_bad_input_is_not_retried(tmp_path):
 
         state = pipeline(project=str(proj), stages=["sources"], return_state=True)
         assert state.is_failed()
-        with get_client(sync_client=True) as client:
-            runs = client.read_task_runs()
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        with get_client(sync_client=True) as client:  # this flow run's task runs (the harness's database is shared)
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
         (task_run,) = [r for r in runs if r.name.startswith("sources")]
         assert task_run.run_count == 1, "exit code 2 (bad input) must not be retried"
         assert "no file matches" in str(state.message) + str(task_run.state.message)

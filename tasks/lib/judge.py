@@ -90,13 +90,14 @@ class Judge:
         never overlap a reference; their weight is counted by `_weight`)."""
         rows, cols = [], []
         for i, s in enumerate(sets):
-            c = [self.vocab[w] for w in s if w in self.vocab]
+            c = sorted(self.vocab[w] for w in s if w in self.vocab)  # sorted: sums in one order in every process
             rows += [i] * len(c)
             cols += c
         return sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(sets), len(self.vocab)))
 
     def _weight(self, s: set[str]) -> float:
-        return float(sum(self.idf[self.vocab[w]] if w in self.vocab else self.unknown_idf for w in s))
+        # fsum: exactly rounded whatever the order; a set's order changes with Python's hash seed
+        return math.fsum(self.idf[self.vocab[w]] if w in self.vocab else self.unknown_idf for w in s)
 
     def others(self, prompt: str, reference: str) -> np.ndarray:
         """Indices of the `contrast_references` other references compared with answers to this
