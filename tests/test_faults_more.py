@@ -76,7 +76,7 @@ def test_an_output_that_would_replace_a_tracked_file_is_refused(work, capsys):
 
 
 def test_a_committed_metrics_file_is_rewritten(work, capsys):
-    """reports/<stage>.json is `cache: false` in dvc.yaml: git holds it, and the stage rewrites it
+    """A metrics file that git holds (a project that sets `cache: false` for its metrics): the stage rewrites it
     (a clone of a repository with committed figures must still run)."""
     subprocess.run(["git", "init", "-q"], cwd=work, check=True)
     (work / "reports").mkdir(exist_ok=True)
