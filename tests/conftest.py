@@ -150,3 +150,21 @@ def dvc(proj, *args, check=True, env=None):
     if check and res.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}")
     return res
+
+
+CHROME = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+DRIVER = shutil.which("chromedriver")
+
+
+def headless_chrome(profile: Path, window: str):
+    """Debian's chromium through its chromedriver, headless, with a profile of its own (Selenium)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROME
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", f"--window-size={window}",
+                 f"--user-data-dir={profile}"):
+        opts.add_argument(flag)
+    return webdriver.Chrome(service=Service(executable_path=DRIVER), options=opts)

@@ -10,7 +10,6 @@ With LABEL_APP_SCREENSHOT=docs/label-app.png it saves the page as the README sho
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,10 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import CHROME, DRIVER, REPO, headless_chrome
 
-CHROME = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-DRIVER = shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROME and DRIVER), reason="no chromium/chromedriver binary: apt-get install -y chromium chromium-driver")
 
 PROMPTS = [
@@ -59,16 +56,7 @@ def app(tmp_path):
 
 @pytest.fixture
 def browser(tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROME
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1100,900",
-                 f"--user-data-dir={tmp_path / 'chrome-profile'}"):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=opts)
+    driver = headless_chrome(tmp_path / "chrome-profile", "1100,900")
     driver.set_page_load_timeout(30)
     try:
         yield driver

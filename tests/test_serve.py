@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -19,10 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import CHROME, DRIVER, REPO, headless_chrome
 
-CHROME = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-DRIVER = shutil.which("chromedriver")
 
 
 @pytest.fixture(scope="module")
@@ -177,19 +174,11 @@ def test_the_server_refuses_a_bad_start_with_one_line(tmp_path):
 
 @pytest.mark.skipif(not (CHROME and DRIVER), reason="no chromium/chromedriver binary: apt-get install -y chromium chromium-driver")
 def test_the_chat_page_holds_a_streamed_conversation(server, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     url, model_id = server
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROME
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1100,760",
-                 f"--user-data-dir={tmp_path / 'profile'}"):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=opts)
+    driver = headless_chrome(tmp_path / "profile", "1100,760")
     try:
         driver.get(url + "/")
         wait = WebDriverWait(driver, 60)
