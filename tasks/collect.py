@@ -3,16 +3,20 @@
     python -m tasks.collect            # what `dvc repro collect` runs
 
 Source kinds: `builtin` (the offline corpora of tasks/lib/corpora.py), `hf`
-(`datasets.load_dataset`: a hub dataset or local json/parquet/text files) and `files` (local
-globs of .jsonl/.json/.parquet/.txt; .jsonl.gz, .jsonl.zst, .txt.gz ... decompressed as read). Output: `data/raw/<source>/part-*.parquet` with columns
-id, source, text, meta. Documents with invalid UTF-8, empty or oversized text, a missing text
-field or a repeated id are dropped and counted per reason; a source that yields no document
-at all stops the stage with an error naming it.
+(`datasets.load_dataset`: a hub dataset or local json/parquet/text files), `files` (globs of
+.jsonl/.json/.parquet/.txt, local or remote through fsspec; .jsonl.gz, .jsonl.zst, .txt.gz ...
+decompressed as read) and `warc` (web archives, WARC or WET, local or remote: HTML responses
+turned into main text, tasks/lib/webarchive.py). Output: `data/raw/<source>/part-*.parquet`
+with columns id, source, text, meta. Documents with invalid UTF-8, empty or oversized text, a
+missing text field or a repeated id, and archive records that are not documents (requests,
+non-200 or non-HTML responses, undecodable pages), are dropped and counted per reason; a
+source that yields no document at all, an archive that is not one or is cut short, and a
+remote store that does not answer stop the stage with an error naming them.
 """
 
 from __future__ import annotations
 
-import glob
+import io
 import json
 import sys
 from collections import Counter
@@ -25,8 +29,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.config import BuiltinSource, Collect, FilesSource, HFSource, Params
+from tasks.config import BuiltinSource, Collect, FilesSource, HFSource, Params, WarcSource
 from tasks.lib import corpora
+from tasks.lib.datafiles import RemoteError, file_kind, is_remote, list_files, open_binary, open_raw
 from tasks.lib.errors import StageError
 from tasks.lib.storage import ShardWriter, atomic_dir, doc_row
 
@@ -45,6 +50,11 @@ def read_builtin(src: BuiltinSource, cfg: Collect, seed: int) -> Iterator[Record
         yield from corpora.python_docs(src.limit)
     elif src.corpus == "python_code":
         yield from corpora.python_code(src.limit, seed)
+    elif src.corpus == "web_archive":  # real HTML through the same WARC reader as a `warc` source
+        from tasks.lib.webarchive import read_warc, warc_bytes, web_pages
+
+        data = warc_bytes(page for page, _ in web_pages(src.limit))
+        yield from read_warc(io.BytesIO(data), "the built-in web archive")
     else:
         # Cross-source duplicates point at the reference documents collected in this run.
         ref = next((s for s in cfg.sources if isinstance(s, BuiltinSource) and s.corpus == "python_docs"), None)
@@ -85,14 +95,19 @@ def read_hf(src: HFSource) -> Iterator[Record]:
         yield rid, rec[src.text_field], {**meta, "hf_path": src.path, "split": src.split}
 
 
-def matching_files(src: FilesSource) -> list[str]:
-    paths = sorted({p for g in src.globs for p in glob.glob(g, recursive=True) if Path(p).is_file()})
+def matching_files(src: FilesSource | WarcSource) -> list[str]:
+    try:
+        paths = [f["path"] for f in list_files(src.globs, src.storage_options)]
+    except RemoteError as err:
+        raise StageError(f"source '{src.name}': {err}") from None
     if not paths:
         raise StageError(f"source '{src.name}': no file matches {src.globs}")
     return paths
 
 
 def read_files(src: FilesSource, paths: list[str] | None = None) -> Iterator[Record]:
+    from zstandard import ZstdError
+
     paths = paths or matching_files(src)
     n = 0
     for path in paths:
@@ -102,62 +117,49 @@ def read_files(src: FilesSource, paths: list[str] | None = None) -> Iterator[Rec
         elif suffix == ".parquet":
             records = _parquet(path, src)
         elif suffix in (".txt", ".md", ".text"):
-            records = _whole_file(path)
+            records = _whole_file(path, src)
         else:
-            raise StageError(f"source '{src.name}': {path}: unsupported file type '{suffix}' "
-                             "(use .jsonl, .json, .parquet or .txt, the text ones optionally .gz or .zst)")
+            raise StageError(f"source '{src.name}': {path}: unsupported file type '{suffix}' (use .jsonl, .json, .parquet "
+                             "or .txt, the text ones optionally .gz or .zst; web archives are read by a `warc` source)")
         try:
             for rec in records:
                 if src.limit is not None and n >= src.limit:
                     return
                 n += 1
                 yield rec
-        except (EOFError, OSError, _ZstdError) as err:  # truncated or corrupt compressed file: the whole input is bad
+        except RemoteError as err:
+            raise StageError(f"source '{src.name}': {err}; nothing was written") from None
+        except (EOFError, OSError, ZstdError) as err:  # truncated or corrupt compressed file: the whole input is bad
             if isinstance(err, OSError) and err.errno is not None:
                 raise
             raise StageError(f"source '{src.name}': {path}: not a readable {Path(path).suffix} file ({err}); "
                              "nothing was written") from None
 
 
-try:
-    from zstandard import ZstdError as _ZstdError
-except ImportError:  # pragma: no cover - zstandard is a dependency
-    class _ZstdError(Exception):
-        pass
+def read_warcs(src: WarcSource, paths: list[str] | None = None) -> Iterator[Record]:
+    from tasks.lib.webarchive import ArchiveError, read_warc
+
+    n = 0
+    for path in paths or matching_files(src):
+        try:
+            # a local file goes to FastWARC by name (its own fast reader), a remote one as a stream
+            stream = open_raw(path, src.storage_options) if is_remote(path) else path
+            for rid, text, meta in read_warc(stream, path, src.extractor):
+                if src.limit is not None and n >= src.limit:
+                    return
+                n += 1
+                yield rid, text, ({**meta, "path": path} if text is not None else meta)
+        except (ArchiveError, RemoteError) as err:
+            raise StageError(f"source '{src.name}': {err}; nothing was written") from None
 
 
-def file_kind(path: str) -> str:
-    """The format suffix of a data file, under its compression suffix (`a.jsonl.gz` -> `.jsonl`)."""
-    parts = [s.lower() for s in Path(path).suffixes]
-    if parts and parts[-1] in (".gz", ".zst") and len(parts) > 1:
-        return parts[-2]
-    return parts[-1] if parts else ""
-
-
-def open_data(path: str):
-    """A binary reader of a data file, decompressing `.gz` (gzip) and `.zst` (Zstandard) as it reads."""
-    suffix = Path(path).suffix.lower()
-    if suffix == ".gz":
-        import gzip
-
-        return gzip.open(path, "rb")
-    if suffix == ".zst":
-        import io
-
-        import zstandard
-
-        # the decompressing reader has no readline: buffer it so files iterate by lines
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
-    return open(path, "rb")
-
-
-def _whole_file(path: str) -> Iterator[Record]:
-    with open_data(path) as fh:
+def _whole_file(path: str, src: FilesSource) -> Iterator[Record]:
+    with open_binary(path, src.storage_options) as fh:
         yield path, fh.read(), {"path": path}
 
 
 def _jsonl(path: str, src: FilesSource) -> Iterator[Record]:
-    with open_data(path) as fh:
+    with open_binary(path, src.storage_options) as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -186,7 +188,10 @@ def _parquet(path: str, src: FilesSource) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        with open_binary(path, src.storage_options) as fh:
+            table = pq.read_table(fh)
+    except RemoteError:
+        raise
     except (OSError, pa.ArrowException) as err:
         raise StageError(f"source '{src.name}': {path}: not a readable Parquet file ({err})") from None
     if src.text_field not in table.column_names:
@@ -228,6 +233,8 @@ def records(src, cfg: Collect, seed: int, path: str | None = None) -> Iterator[R
         return read_builtin(src, cfg, seed)
     if isinstance(src, HFSource):
         return read_hf(src)
+    if isinstance(src, WarcSource):
+        return read_warcs(src, [path] if path else None)
     return read_files(src, [path] if path else None)
 
 
@@ -300,7 +307,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     with atomic_dir(outputs["raw"]) as tmp, Executor(ex.kind, ex.workers, ex.ray_address, desc="collect") as pool:
         for src in cfg.sources:
             folder = tmp / src.name
-            if isinstance(src, FilesSource) and src.limit is None:  # one task per file, in parallel
+            if isinstance(src, (FilesSource, WarcSource)) and src.limit is None:  # one task per file, in parallel
                 files = matching_files(src)
                 tasks = [PartTask(src, cfg, params.seed, str(folder), f"part-{i:05d}", f) for i, f in enumerate(files)]
             else:  # a limit counts across files; builtin and hub sources are one stream

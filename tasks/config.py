@@ -164,7 +164,7 @@ class BuiltinSource(Section):
     kind: Literal["builtin"]
     name: Name
     role: Role
-    corpus: Literal["python_docs", "python_code", "synthetic_crawl"]
+    corpus: Literal["python_docs", "python_code", "synthetic_crawl", "web_archive"]
     limit: PosInt | None = None
     num_docs: PosInt = 2000  # synthetic_crawl only
     crawl_mix: CrawlMix = CrawlMix()  # synthetic_crawl only
@@ -189,9 +189,30 @@ class HFSource(Section):
     limit: PosInt | None = None
 
 
+SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+
+
+def _no_secrets(options: dict[str, Any]) -> dict[str, Any]:
+    """params.yaml is in git and in every MLflow run: a credential there would leak."""
+    def walk(obj: Any, where: str) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                if any(w in str(k).lower() for w in SECRET_WORDS) and not str(k).lower().endswith(("_url", "endpoint")):
+                    raise ValueError(f"storage_options{where}.{k} looks like a credential: set it in the environment "
+                                     "(e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), not in params.yaml")
+                walk(v, f"{where}.{k}")
+    walk(options, "")
+    return options
+
+
+StorageOptions = Annotated[dict[str, Any], AfterValidator(_no_secrets)]
+
+
 class FilesSource(Section):
-    """Local files: globs of .jsonl/.json (one object per line), .parquet or .txt (one
-    document per file)."""
+    """Files, local or remote (`s3://bucket/crawl/*.jsonl.gz`, `https://...`, through fsspec):
+    globs of .jsonl/.json (one object per line), .parquet or .txt (one document per file), the
+    text ones optionally .gz or .zst. `storage_options` go to the remote filesystem (an
+    endpoint, a region, anon: true); credentials come from the environment, never from here."""
 
     kind: Literal["files"]
     name: Name
@@ -200,9 +221,25 @@ class FilesSource(Section):
     text_field: str = "text"
     id_field: str | None = None
     limit: PosInt | None = None
+    storage_options: StorageOptions = {}
 
 
-Source = Annotated[Union[BuiltinSource, HFSource, FilesSource], Field(discriminator="kind")]
+class WarcSource(Section):
+    """Web archives, local or remote: globs of WARC files (.warc, .warc.gz, .warc.zst; Common
+    Crawl's WARC and WET files), read with FastWARC. HTML responses become their main text
+    through `extractor` (resiliparse: the default, measured in bench/extract.py; trafilatura);
+    WET conversion records are taken as they are."""
+
+    kind: Literal["warc"]
+    name: Name
+    role: Role
+    globs: list[str] = Field(min_length=1)
+    extractor: Literal["resiliparse", "trafilatura"] = "resiliparse"
+    limit: PosInt | None = None
+    storage_options: StorageOptions = {}
+
+
+Source = Annotated[Union[BuiltinSource, HFSource, FilesSource, WarcSource], Field(discriminator="kind")]
 
 
 class Collect(Section):
@@ -476,6 +513,7 @@ class RLCommon(Section):
 class PPO(RLCommon):
     value_lr: PosFloat
     value_clip: PosFloat
+    value_warmup: NonNegInt  # iterations before `steps` that train only the value function
     vf_coef: NonNegFloat
     gamma: Annotated[float, Field(gt=0, le=1)]
     lam: Annotated[float, Field(ge=0, le=1)]

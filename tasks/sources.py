@@ -7,9 +7,10 @@ reruns exactly the stages that read it: collect's sources, and the human ranking
 (`always_changed: true` in dvc.yaml). It takes about a second and writes `data/sources.json`,
 which changes only when a source does, so collect and everything after it rerun only then:
 
-- `files` (and `hf` with local `data_files`): each matching file's path, size and
+- `files` and `warc` (and `hf` with local `data_files`): each matching file's path, size and
   modification time (as make and DVC's own state do; hashing 100 GB every night would not be
-  cheap). A new, removed, rewritten or touched file changes the fingerprint.
+  cheap); for a remote file (s3://, https:// ...) its size and ETag (or modification time).
+  A new, removed, rewritten or touched file changes the fingerprint.
 - `hf` from a hub: the pinned `revision`, or the dataset's current commit asked from the hub
   (with no network it is recorded as unresolved and a warning says to pin `revision`).
 - `builtin`: a hash of the standard-library files the built-in corpora are read from.
@@ -22,14 +23,13 @@ labeling app does not make a judge-labelled run stale (DVC deps cannot depend on
 
 from __future__ import annotations
 
-import glob
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from tasks.config import BuiltinSource, FilesSource, HFSource, Params
+from tasks.config import BuiltinSource, FilesSource, HFSource, Params, WarcSource
+from tasks.lib.datafiles import RemoteError, list_files
 from tasks.lib.errors import StageError
 from tasks.lib.storage import write_json
 
@@ -41,13 +41,11 @@ OUTPUTS = ("sources", "labels")
 log = logging.getLogger(STAGE)
 
 
-def file_listing(patterns: list[str]) -> list[dict[str, Any]]:
-    paths = sorted({p for g in patterns for p in glob.glob(g, recursive=True) if Path(p).is_file()})
-    out = []
-    for p in paths:
-        st = os.stat(p)
-        out.append({"path": p, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
-    return out
+def file_listing(name: str, patterns: list[str], storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    try:
+        return list_files(patterns, storage_options)
+    except RemoteError as err:
+        raise StageError(f"source '{name}': {err}") from None
 
 
 def hub_revision(src: HFSource) -> str | None:
@@ -64,15 +62,15 @@ def hub_revision(src: HFSource) -> str | None:
 
 
 def fingerprint(src: Any) -> dict[str, Any]:
-    if isinstance(src, FilesSource):
-        files = file_listing(src.globs)
+    if isinstance(src, (FilesSource, WarcSource)):
+        files = file_listing(src.name, src.globs, src.storage_options)
         if not files:
             raise StageError(f"source '{src.name}': no file matches {src.globs}")
-        return {"kind": "files", "files": files}
+        return {"kind": src.kind, "files": files}
     if isinstance(src, HFSource):
         if src.data_files:
             patterns = [src.data_files] if isinstance(src.data_files, str) else list(src.data_files)
-            return {"kind": "hf", "path": src.path, "files": file_listing(patterns)}
+            return {"kind": "hf", "path": src.path, "files": file_listing(src.name, patterns)}
         return {"kind": "hf", "path": src.path, "revision": hub_revision(src)}
     from tasks.lib.corpora import stdlib_fingerprint
 

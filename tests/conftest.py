@@ -40,6 +40,7 @@ def tiny_raw_params() -> dict:
     by_name["python_docs"]["limit"] = 120
     by_name["python_code"]["limit"] = 12
     by_name["web_crawl"]["num_docs"] = 300
+    by_name["web_archive"]["limit"] = 4
     raw["tokenizer"]["vocab_size"] = 600
     raw["executor"]["workers"] = 1  # in-process: fast to start; the pool and Ray have tests of their own
     # training stages: a one-layer model and a handful of steps

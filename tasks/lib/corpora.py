@@ -299,3 +299,4 @@ def stdlib_fingerprint() -> str:
         file_hash(path, h)
     file_hash(pydoc_data.topics.__file__, h)
     return h.hexdigest()
+

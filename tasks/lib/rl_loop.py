@@ -83,7 +83,12 @@ def rl_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cfg
     kl_ctl.beta = state.get("beta", kl_ctl.beta)
     history: list[dict] = state.get("history", [])
     sp = cfg.sampling
-    for it in range(start, cfg.steps):
+    # ppo's value warm-up: the first iterations fit the value function to the returns of the
+    # (still unchanged) policy before the policy moves, so its first advantages are not noise
+    warmup = int(getattr(cfg, "value_warmup", 0)) if critic else 0
+    total_iters = warmup + cfg.steps
+    for it in range(start, total_iters):
+        warming = it < warmup
         gen = seeded(seed, it)
         picked = torch.randperm(len(prompts), generator=gen)[: cfg.batch_prompts].tolist()
         idx = [i for i in picked for _ in range(K)]  # a group's K samples are neighbours
@@ -133,7 +138,9 @@ def rl_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cfg
                 pi_loss, ratio = policy_loss(logp, old_logp[sel], adv[sel], ms, cfg.clip)
                 entropy = masked_mean(ent, ms)
                 total = pi_loss - cfg.entropy_coef * entropy
-                if ptx_fn is not None and cfg.ptx_coef > 0:  # PPO-ptx: keep the pretraining distribution
+                if warming:  # the value loss alone; the policy's optimizer does not step
+                    total = torch.zeros((), device=device)
+                elif ptx_fn is not None and cfg.ptx_coef > 0:  # PPO-ptx: keep the pretraining distribution
                     px, py = ptx_fn(it * 1000 + epoch * 100 + s)
                     with autocast:
                         ptx = policy(px.to(device), py.to(device))[1].float()
@@ -145,13 +152,13 @@ def rl_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cfg
                 if not torch.isfinite(total):
                     raise DivergenceError(f"{algorithm}: non-finite loss at iteration {it + 1} (lower the learning rates); "
                                           "nothing was written or registered")
+                stepping = ["value"] if warming else list(optimizers)
                 for o in optimizers.values():
                     o.zero_grad(set_to_none=True)
                 total.backward()
-                for mod in modules.values():
-                    torch.nn.utils.clip_grad_norm_(mod.parameters(), cfg.grad_clip)
-                for o in optimizers.values():
-                    o.step()
+                for name in stepping:
+                    torch.nn.utils.clip_grad_norm_(modules[name].parameters(), cfg.grad_clip)
+                    optimizers[name].step()
                 with torch.no_grad():
                     stats["policy_loss"].append(float(pi_loss))
                     stats["entropy"].append(float(entropy))
@@ -162,9 +169,10 @@ def rl_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cfg
 
         # 6. control, metrics, checkpoint
         mean_kl = float((kl.sum(1)).mean())
-        kl_ctl.update(mean_kl, B)
+        if not warming:  # the policy did not move: nothing for beta to react to
+            kl_ctl.update(mean_kl, B)
         row = {
-            "iteration": it + 1,
+            "iteration": it + 1, "phase": "value_warmup" if warming else "policy",
             "reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if B > 1 else 0.0,
             "kl": mean_kl, "beta": kl_ctl.beta,
             "response_length": float(np.mean([len(r) for r in responses])),
@@ -176,7 +184,7 @@ def rl_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cfg
         if on_iter is not None:  # may add metrics of its own to row
             on_iter(it, row, responses, idx)
         history.append(row)
-        if resume_dir is not None and ((it + 1) % cfg.ckpt_every == 0 or it + 1 == cfg.steps):
+        if resume_dir is not None and ((it + 1) % cfg.ckpt_every == 0 or it + 1 == total_iters):
             save_state(resume_dir, modules, optimizers, {"step": it + 1, "beta": kl_ctl.beta, "fingerprint": fingerprint,
-                                                         "history": history, "finished": it + 1 == cfg.steps})
+                                                         "history": history, "finished": it + 1 == total_iters})
     return history

@@ -81,7 +81,8 @@ def run_rl(stage: str, cfg: Any, *, seed: int, instructions_cfg: Any, judge_cfg:
         ptx_fn = lambda k: windows(train_tokens, cfg.ptx_batch, policy.cfg.max_seq_len - 1, seeded(seed, k))  # noqa: E731
 
     # 3. the loop
-    report = Reporter(stage, cfg.steps, True, every_s=5.0)
+    total_iters = getattr(cfg, "value_warmup", 0) + cfg.steps  # ppo's value warm-up comes first
+    report = Reporter(stage, total_iters, True, every_s=5.0)
     samples: list[str] = []
     logged: set[int] = set()
 
@@ -90,7 +91,7 @@ def run_rl(stage: str, cfg: Any, *, seed: int, instructions_cfg: Any, judge_cfg:
         row["sqrt_kl"] = float(np.sqrt(max(row["kl"], 0.0)))  # Gao et al.: gold and RM score against sqrt(KL)
         report.log(it, {k: v for k, v in row.items() if k != "iteration"})
         logged.add(it)
-        if it % 10 == 0 or it + 1 == cfg.steps:
+        if it % 10 == 0 or it + 1 == total_iters:
             samples.append(f"### iteration {it + 1}: {examples[idx[0]]['messages'][0]['content']}\n{t.decode(responses[0])}")
 
     fp = fingerprint([seed, algorithm, group_size, cfg.model_dump(exclude={"compute"}), instructions_cfg.model_dump(), judge_cfg.model_dump()],
@@ -107,8 +108,9 @@ def run_rl(stage: str, cfg: Any, *, seed: int, instructions_cfg: Any, judge_cfg:
         save_checkpoint(out, policy, inputs["sft"], {"stage": stage, "method": algorithm, "chat": True})
     with atomic_dir(report_dir) as rep:
         write_json(rep / "iterations.json", hist)
-    k = max(len(hist) // 5, 1)  # start vs end: means over the first and last fifth of iterations
-    first, last = hist[:k], hist[-k:]
+    moving = [r for r in hist if r.get("phase") != "value_warmup"]  # the iterations that update the policy
+    k = max(len(moving) // 5, 1)  # start vs end: means over the first and last fifth of them
+    first, last = moving[:k], moving[-k:]
     mean_of = lambda rows, key: float(np.nanmean([r.get(key, float("nan")) for r in rows]))  # noqa: E731
     tracking.set_tags({**rt.describe(), "method": algorithm})
     import json
@@ -124,11 +126,13 @@ def run_rl(stage: str, cfg: Any, *, seed: int, instructions_cfg: Any, judge_cfg:
                                {"iterations": cfg.steps, "lr": cfg.lr, "kl_beta": cfg.kl.beta, "ptx_coef": cfg.ptx_coef, "reward_model": tags["reward_model"]},
                                {k: metrics[k] for k in ("reward_mean_end", "kl_end", "gold_score_end")}, labeler)
     tracking.set_tags({"registered_version": f"{REGISTERED}/{registry.register_checkpoint(REGISTERED, out_dir, tags, card)}"})
-    second_half = hist[len(hist) // 2 :]
+    second_half = moving[len(moving) // 2 :]
     metrics.update(method=algorithm, final_beta=hist[-1]["beta"] if hist else cfg.kl.beta, iterations=cfg.steps, prompts=len(prompts),
                    coverage=instructions.coverage(examples), kl_target=cfg.kl.target if cfg.kl.adaptive else None,
                    clip_fraction_median_second_half=float(np.median([r["clip_fraction"] for r in second_half])) if second_half else None)
     if algorithm == "ppo" and hist:
         metrics["explained_variance_end"] = mean_of(last, "explained_variance")
-        metrics["explained_variance_start"] = mean_of(first, "explained_variance")
+        metrics["explained_variance_start"] = mean_of(hist[:k], "explained_variance")  # before any warm-up
+        metrics["explained_variance_policy_start"] = mean_of(first, "explained_variance")  # when the policy starts to move
+        metrics["value_warmup"] = cfg.value_warmup
     return metrics
