@@ -299,4 +299,3 @@ def stdlib_fingerprint() -> str:
         file_hash(path, h)
     file_hash(pydoc_data.topics.__file__, h)
     return h.hexdigest()
-
