@@ -7,15 +7,20 @@
              signature into LSH bands; signatures and band keys go to disk
 2. shuffle   band by band, that band's keys of all documents (read from the shards' key
              files, 8 bytes per document) are sorted: equal keys form a bucket
-3. edges     each member of a bucket is linked to the bucket's first document (linear in the
-             bucket's size, not quadratic), an edge kept only when their estimated Jaccard
-             similarity reaches `threshold`; exact duplicates are linked to their group's first
+3. edges     each member of a bucket is linked to the bucket's first document and to the one
+             before it in input order (linear in the bucket's size, not quadratic), an edge
+             kept only when their estimated Jaccard similarity reaches `threshold`; exact
+             duplicates are linked to their group's first
 4. clusters  connected components of the edges (union-find, scipy)
 5. keep      per cluster one document: the highest role in `role_priority`; among those, the
              original that the others extend (a copy with appended boilerplate contains the
              original's text as its prefix), else the first in input order. Then the chaining
              guard: a member whose similarity to the kept document is below `threshold` (it
-             joined through a chain of weak links) is released and kept as its own document
+             joined through a chain of weak links) is released, and the released members of a
+             cluster are clustered again among themselves, round by round (leader clustering:
+             the best of them by role, then input order, is kept, those within `threshold`
+             of it go, the rest go to the next round), so no two documents kept from one
+             cluster are near-duplicates of each other (overlapping windows, pagination)
 6. write     per shard, in parallel: the kept rows
 
 Memory stays bounded: texts are read one shard at a time; what the reduce holds is a few
@@ -23,7 +28,7 @@ numbers per document (about 100 bytes: exact key, word count, labels, one band's
 time); signatures stay in their shard files on disk and are read in blocks for the pairs
 being verified. Metrics: removed per
 source (exact / near), cluster sizes, candidate pairs and edges, documents released by the
-chaining guard, sample clusters (`reports/dedup/clusters.json`) and pairwise precision /
+chaining guard and how many of them a later round removed, sample clusters (`reports/dedup/clusters.json`) and pairwise precision /
 recall against the ground truth of generated documents (`meta.duplicate_of`).
 """
 
@@ -194,16 +199,23 @@ class UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def bucket_edges(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def bucket_edges(keys: np.ndarray, neighbours: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(first, member) pairs linking every member of a bucket (equal keys) to its first
-    document in input order: len(bucket) - 1 edges per bucket."""
+    document in input order: len(bucket) - 1 edges per bucket. With `neighbours`, also each
+    member to the one before it in input order (up to 2 (len(bucket) - 1) edges): a chain of
+    overlapping windows has its far ends in one bucket, where only neighbours are similar."""
     order = np.argsort(keys, kind="stable")
     sorted_keys = keys[order]
     new_group = np.ones(len(order), dtype=bool)
     new_group[1:] = sorted_keys[1:] != sorted_keys[:-1]
     group_first = order[np.maximum.accumulate(np.where(new_group, np.arange(len(order)), 0))]
     member = ~new_group
-    return group_first[member], order[member]
+    a, b = group_first[member], order[member]
+    if neighbours:
+        prev = np.zeros(len(order), dtype=bool)
+        prev[1:] = member[1:] & ~new_group[:-1]  # the one before is a member too, not the first
+        a, b = np.concatenate([a, order[np.flatnonzero(prev) - 1]]), np.concatenate([b, order[prev]])
+    return a, b
 
 
 def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -235,7 +247,7 @@ def find_clusters(sig: np.ndarray, keys: np.ndarray, exact: np.ndarray, threshol
     edges_a, edges_b = [ea], [eb]
     candidates = verified = 0
     for band in range(keys.shape[1]):
-        fa, fb = bucket_edges(keys[:, band][reps])  # one band at a time: 8 bytes per document
+        fa, fb = bucket_edges(keys[:, band][reps], neighbours=True)  # one band at a time: 8 bytes per document
         fa, fb = reps[fa], reps[fb]
         candidates += len(fa)
         if verify and len(fa):
@@ -304,6 +316,38 @@ def pairwise_scores(pred, truth) -> dict[str, float]:
     tp = pairs(pred, truth)
     pred_pairs, true_pairs = pairs(pred), pairs(truth)
     return {"precision": tp / max(pred_pairs, 1), "recall": tp / max(true_pairs, 1), "true_pairs": true_pairs, "predicted_pairs": pred_pairs}
+
+
+def recluster(final: np.ndarray, released: np.ndarray, labels: np.ndarray, role_rank: np.ndarray, similarity, threshold: float,
+              max_rounds: int = 10_000, block: int = 100_000) -> tuple[int, int]:
+    """Leader clustering of the released documents, per original cluster, in rounds: each
+    round keeps the best remaining member of every cluster (lowest role rank, then first in
+    input order) and points the members within `threshold` of it at it (in `final`, in
+    place); the others go to the next round. A kept document was below `threshold` to every
+    earlier round's keep, so no two kept members of a cluster are near-duplicates. Each round
+    costs one similarity per remaining member; a chain of n windows needs about n / (the
+    windows one window covers) rounds. Returns (documents removed, rounds)."""
+    todo = np.asarray(released, dtype=np.int64)
+    removed = rounds = 0
+    while len(todo) and rounds < max_rounds:
+        rounds += 1
+        # per original cluster, the leader: the smallest (role rank, index)
+        order = np.lexsort((todo, role_rank[todo], labels[todo]))
+        todo = todo[order]
+        lab = labels[todo]
+        first = np.ones(len(todo), dtype=bool)
+        first[1:] = lab[1:] != lab[:-1]
+        leader_of = todo[first][np.cumsum(first) - 1]
+        rest = ~first
+        if not rest.any():
+            break
+        a, b = todo[rest], leader_of[rest]
+        sim = np.concatenate([similarity(a[i : i + block], b[i : i + block]) for i in range(0, len(a), block)])
+        close = sim >= threshold
+        final[a[close]] = b[close]
+        removed += int(close.sum())
+        todo = a[~close]
+    return removed, rounds
 
 
 def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict:
@@ -380,7 +424,9 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
         else:
             released = np.zeros(0, dtype=np.int64)
         final = keep_idx.copy()
-        final[released] = released  # a released document is its own cluster
+        final[released] = released  # a released document is kept, unless a later round removes it
+        reclustered, rounds = recluster(final, released, labels, role_rank,
+                                        lambda a, b: np.asarray(jaccard(np.asarray(sig[a]), np.asarray(sig[b]))), cfg.threshold)
         kept = final == np.arange(n)
         size = np.bincount(final, minlength=n)[final].astype(np.int32)
 
@@ -437,7 +483,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
         "sources": {name: {k: int(c[k]) for k in ("docs_in", "kept", "exact_removed", "near_removed")} for name, c in sorted(per_source.items())},
         "docs_in": n, "kept": int(kept.sum()),
         "clusters_with_duplicates": int(len(multi)), "cluster_sizes": bins, "largest_cluster": int(size.max()) if n else 0,
-        "released_by_chaining_guard": int(len(released)), **found,
+        "released_by_chaining_guard": int(len(released)), "reclustered_after_release": reclustered, "recluster_rounds": rounds, **found,
     }
     if truth is not None:
         metrics["vs_ground_truth"] = pairwise_scores(final, truth)
