@@ -309,8 +309,10 @@ class Classifier(Section):
     max_train_docs: PosInt  # per class: the positives, and as many negatives
     apply_to_roles: list[Role]
     holdout_fraction: Annotated[float, Field(gt=0.0, lt=1.0)]
-    keep_rule: Literal["pareto", "threshold"]
+    keep_rule: Literal["pareto", "threshold", "fraction"]
     threshold: Fraction
+    keep_fraction: Annotated[float, Field(gt=0.0, le=1.0)]  # keep_rule fraction: the crawl's top share by score (DCLM)
+    match_length: bool  # negatives drawn to the positives' length distribution
     pareto_alpha: PosFloat
     epoch: PosInt
     lr: PosFloat

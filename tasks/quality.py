@@ -18,8 +18,11 @@ Per document (roles as configured), in this order:
    word rules for scripts without spaces) is skipped for it and counted (`rules_skipped`)
 4. classifier (optional, `classifier.enabled`): fastText trained as GPT-3's, reference (+)
    against crawl (-), on the line-cleaned text, so it learns the prose rather than the page
-   chrome; kept when the score passes the threshold or by GPT-3's rule
-   `np.random.pareto(alpha) > 1 - score`
+   chrome; the negatives are drawn to match the positives' length distribution
+   (`match_length`), so length alone does not separate them; kept when the score passes the
+   threshold, by GPT-3's rule `np.random.pareto(alpha) > 1 - score`, or when it is in the
+   top `keep_fraction` of the crawl (DCLM's rule: the threshold is that quantile of the
+   crawl training sample's scores)
 
 The training sample is read first (bounded: at most `classifier.max_train_docs` per class,
 chosen by a hash of the id); then every shard is filtered in parallel
@@ -27,12 +30,16 @@ chosen by a hash of the id); then every shard is filtered in parallel
 (kept, cleaned text, `quality_score` in meta), `data/dropped/<source>/` (with `drop_reason`),
 `models/quality/model.bin`. Metrics: kept/dropped per source and reason, lines removed,
 classifier precision/recall and AUC (by ranks) on held-out documents, score histogram,
-and on generated crawl pages precision/recall against their ground truth.
+topicality (Spearman correlation of the held-out crawl's scores with document length and
+with the share of its words from the reference's vocabulary; a warning when either reaches
+0.5: the classifier then keeps long or on-topic pages, not good ones), and on generated
+crawl pages precision/recall against their ground truth.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import re
 import sys
@@ -58,6 +65,8 @@ PARAMS = ("seed", "collect.sources", "quality")
 UNTRACKED = ("executor",)
 INPUTS = ("raw",)
 OUTPUTS = ("filtered", "dropped", "quality_model")
+
+log = logging.getLogger(STAGE)
 
 HQ, LQ = "__label__hq", "__label__lq"
 PUNCT_END = tuple(".!?:;\"')]”’。！？；：」』）")  # and the full-width ends of CJK sentences
@@ -329,8 +338,9 @@ def filter_shard(task: ShardTask) -> dict[str, Any]:
             "rules_skipped": dict(skipped), "by_language": dict(by_language)}
 
 
-def holdout_scores(task: ShardTask) -> tuple[list[float], list[int]]:
-    """Classifier scores of this shard's held-out documents, with their labels (1 = reference)."""
+def holdout_scores(task: ShardTask) -> tuple[list[float], list[int], list[int], list[float]]:
+    """Classifier scores of this shard's held-out documents, with their labels (1 = reference),
+    word counts and shares of words from the reference vocabulary (`vocab.json` beside the model)."""
     import fasttext
 
     q = task.quality
@@ -339,7 +349,62 @@ def holdout_scores(task: ShardTask) -> tuple[list[float], list[int]]:
     texts = [ft_text(_prepare(t, task.role, q, pattern)[0], q.classifier.max_chars)
              for d, t in zip(table.column("id").to_pylist(), table.column("text").to_pylist()) if in_holdout(d, q.classifier.holdout_fraction)]
     scores = hq_scores(fasttext.load_model(task.model), texts) if texts else np.zeros(0)
-    return scores.tolist(), [int(task.role == "reference")] * len(texts)
+    vocab = set(json.loads(Path(task.model).with_name("vocab.json").read_text()))
+    return scores.tolist(), [int(task.role == "reference")] * len(texts), [len(t.split()) for t in texts], [topic_share(t, vocab) for t in texts]
+
+
+TOPIC_WORD = re.compile(r"[^\W\d_]{4,}")  # words of four letters or more: function words mostly shorter
+
+
+def reference_vocabulary(texts: list[str], size: int = 2000) -> list[str]:
+    """The reference's `size` most frequent words of four letters or more that are not English
+    stop words: what its documents are about."""
+    stops = stop_words("en")
+    counts = Counter(w for t in texts for w in TOPIC_WORD.findall(t.lower()) if w not in stops)
+    return sorted(w for w, _ in counts.most_common(size))
+
+
+def topic_share(text: str, vocab: set[str]) -> float:
+    words = TOPIC_WORD.findall(text.lower())
+    return sum(w in vocab for w in words) / len(words) if words else 0.0
+
+
+def match_lengths(pos: list[str], neg: list[str], rng: np.random.Generator, bins: int = 10) -> list[str]:
+    """Negatives drawn so that their word counts follow the positives' distribution: as many
+    per positive length decile as there are positives in it (fewer where the crawl has too
+    few of that length). Without it, a classifier can learn "long = good"."""
+    if not pos or not neg:
+        return neg
+    plen = np.log1p([len(t.split()) for t in pos])
+    nlen = np.log1p([len(t.split()) for t in neg])
+    edges = np.unique(np.quantile(plen, np.linspace(0, 1, bins + 1)[1:-1]))
+    pbin, nbin = np.searchsorted(edges, plen, side="right"), np.searchsorted(edges, nlen, side="right")
+    inside = (nlen >= plen.min()) & (nlen <= plen.max())  # nothing shorter or longer than every positive
+    want = np.bincount(pbin, minlength=len(edges) + 1)
+    chosen: list[int] = []
+    for b, k in enumerate(want):
+        pool = np.flatnonzero((nbin == b) & inside)
+        if len(pool):
+            chosen += rng.choice(pool, size=min(int(k), len(pool)), replace=False).tolist()
+    return [neg[i] for i in sorted(chosen)]
+
+
+def topicality(scores: np.ndarray, lengths: np.ndarray, topics: np.ndarray, limit: float = 0.5) -> dict[str, Any]:
+    """How far the crawl's scores follow length and the reference's topic (Spearman)."""
+    from scipy.stats import spearmanr
+
+    if len(scores) < 3 or np.ptp(scores) == 0:
+        return {"docs": int(len(scores)), "spearman_length": None, "spearman_reference_topic": None, "warning": None}
+    rho_len = float(spearmanr(scores, lengths).statistic) if np.ptp(lengths) else 0.0
+    rho_topic = float(spearmanr(scores, topics).statistic) if np.ptp(topics) else 0.0
+    warn = []
+    if abs(rho_len) >= limit:
+        warn.append(f"scores follow document length (Spearman {rho_len:.2f})")
+    if rho_topic >= limit:
+        warn.append(f"scores follow the reference's topic (Spearman {rho_topic:.2f}): the classifier keeps on-topic pages, "
+                    "not well-written ones; add general prose to the reference sources")
+    return {"docs": int(len(scores)), "spearman_length": round(rho_len, 4), "spearman_reference_topic": round(rho_topic, 4),
+            "warning": "; ".join(warn) or None}
 
 
 # ------------------------------------------------------------------------ the stage
@@ -369,10 +434,20 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
             train_tasks = [(role, task(i, n, role, f, min(frac[role], 1.0))) for i, (n, role, f) in enumerate(shards) if role in frac]
             got = pool.map(training_texts, [t for _, t in train_tasks])
             pos = [t for (role, _), texts in zip(train_tasks, got) if role == "reference" for t in texts]
-            neg = [t for (role, _), texts in zip(train_tasks, got) if role == "crawl" for t in texts]
+            crawl = [t for (role, _), texts in zip(train_tasks, got) if role == "crawl" for t in texts]
+            neg = match_lengths(pos, crawl, np.random.default_rng([params.seed, 7])) if c.match_length else crawl
             model_path = model_dir / "model.bin"
             train_classifier(pos, neg, c, params.seed, model_path)
-            metrics["classifier"] = {"train_docs": len(pos) + len(neg), "train_positives": len(pos), "train_negatives": len(neg)}
+            write_json(model_dir / "vocab.json", reference_vocabulary(pos))
+            metrics["classifier"] = {"train_docs": len(pos) + len(neg), "train_positives": len(pos), "train_negatives": len(neg),
+                                     "crawl_sample": len(crawl)}
+            if c.keep_rule == "fraction":  # DCLM: keep the crawl's top share by score
+                import fasttext
+
+                sample = hq_scores(fasttext.load_model(str(model_path)), crawl)
+                threshold = float(np.quantile(sample, 1 - c.keep_fraction)) if len(sample) else 1.0
+                metrics["classifier"]["fraction_threshold"] = threshold
+                q = q.model_copy(update={"classifier": c.model_copy(update={"threshold": threshold})})
         write_json(model_dir / "labels.json", {"positive": HQ, "negative": LQ, "max_chars": c.max_chars, "enabled": c.enabled})
         # 2. filter every shard
         results = pool.map(filter_shard, [task(i, n, role, f, model=str(model_path) if model_path else None) for i, (n, role, f) in enumerate(shards)])
@@ -380,7 +455,14 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
             held = pool.map(holdout_scores, [task(i, n, role, f, model=str(model_path)) for i, (n, role, f) in enumerate(shards) if role in ("reference", "crawl")])
             scores = np.array([s for h in held for s in h[0]])
             labels = np.array([lab for h in held for lab in h[1]], dtype=int)
-            metrics["classifier"].update(precision_recall(scores >= c.threshold, labels == 1), auc=auc(scores, labels), heldout_docs=len(labels))
+            lengths = np.array([n for h in held for n in h[2]])
+            topics = np.array([t for h in held for t in h[3]])
+            metrics["classifier"].update(precision_recall(scores >= q.classifier.threshold, labels == 1), auc=auc(scores, labels),
+                                         heldout_docs=len(labels))
+            crawl_held = labels == 0
+            metrics["classifier"]["topicality"] = topicality(scores[crawl_held], lengths[crawl_held], topics[crawl_held])
+            if metrics["classifier"]["topicality"]["warning"]:
+                log.warning("quality classifier: %s", metrics["classifier"]["topicality"]["warning"])
         for name in sorted({n for n, _, _ in shards}):  # a source whose every document was dropped still has its folder
             (kept_dir / name).mkdir(parents=True, exist_ok=True)
             if q.write_dropped:

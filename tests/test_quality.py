@@ -217,3 +217,46 @@ def test_a_multilingual_crawl_keeps_good_pages_in_every_listed_language(workdir)
     assert m["languages"]["zh"] == {"kept": 3}
     assert m["rules_skipped"]["few_stop_words:zh"] == 3
     assert m["sources"]["multi"]["dropped"]["language"] == 3
+
+
+def test_negatives_follow_the_positives_lengths():
+    words = lambda n, tag: " ".join(f"{tag}{i}" for i in range(n))  # noqa: E731
+    pos = [words(10, "p")] * 5 + [words(100, "p")] * 5
+    neg = [words(10, "a")] * 20 + [words(100, "b")] * 3 + [words(1000, "c")] * 20
+    got = quality.match_lengths(pos, neg, np.random.default_rng(0))
+    lengths = sorted(len(t.split()) for t in got)
+    assert lengths == [10] * 5 + [100] * 3  # five short as five short positives; all three of 100 (five wanted); none longer than any positive
+
+
+def test_topicality_warns_when_scores_follow_length_or_topic():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(10, 1000, 200)
+    topics = rng.random(200)
+    noise = rng.random(200)
+    quiet = quality.topicality(noise, lengths, topics)
+    assert quiet["warning"] is None and abs(quiet["spearman_length"]) < 0.3
+    long = quality.topicality(lengths / 1000 + 0.01 * noise, lengths, topics)
+    assert long["spearman_length"] > 0.95 and "length" in long["warning"]
+    on_topic = quality.topicality(topics, lengths, topics)
+    assert on_topic["spearman_reference_topic"] == 1.0 and "topic" in on_topic["warning"]
+    vocab = set(quality.reference_vocabulary(["The parser reads tokens; the parser builds trees.", "Tokens and trees."], size=3))
+    assert vocab == {"parser", "tokens", "trees"}  # "reads", "builds" appear once; "the", "and" are short
+    assert quality.topic_share("a parser sorts tokens", vocab) == pytest.approx(2 / 3)  # parser, sorts, tokens: words of 4+ letters
+
+
+def test_keep_fraction_keeps_the_crawl_top_share(workdir, tiny_params):
+    run_stage(sources, tiny_params)
+    run_stage(collect, tiny_params)
+    c = tiny_params.quality.classifier
+    m = {}
+    for frac in (1.0, 0.3):
+        q = tiny_params.quality.model_copy(update={"classifier": c.model_copy(update={"keep_rule": "fraction", "keep_fraction": frac})})
+        m[frac] = run_stage(quality, tiny_params.model_copy(update={"quality": q}))
+    t = m[0.3]["classifier"]["fraction_threshold"]
+    kept = [json.loads(r["meta"])["quality_score"] for r in read_docs(workdir / "data/filtered/web_crawl")]  # of the 0.3 run
+    assert kept and min(kept) >= t
+    assert 0.0 < t < 1.0 and m[1.0]["classifier"]["fraction_threshold"] < t
+    assert "classifier" not in m[1.0]["sources"]["web_crawl"]["dropped"]  # the whole crawl passes at 100%
+    assert m[0.3]["sources"]["web_crawl"]["dropped"].get("classifier", 0) > 0
+    topical = m[0.3]["classifier"]["topicality"]
+    assert topical["docs"] > 10 and topical["spearman_length"] is not None
