@@ -30,9 +30,10 @@ chosen by a hash of the id); then every shard is filtered in parallel
 (kept, cleaned text, `quality_score` in meta), `data/dropped/<source>/` (with `drop_reason`),
 `models/quality/model.bin`. Metrics: kept/dropped per source and reason, lines removed,
 classifier precision/recall and AUC (by ranks) on held-out documents, score histogram,
-topicality (Spearman correlation of the held-out crawl's scores with document length and
-with the share of its words from the reference's vocabulary; a warning when either reaches
-0.5: the classifier then keeps long or on-topic pages, not good ones), and on generated
+topicality (Spearman correlation of the scores of held-out crawl pages that passed the
+rules, the ones the classifier decides on, with their length and with the share of their
+words from the reference's vocabulary; a warning when either reaches 0.5: the classifier
+then keeps long or on-topic pages, not good ones), and on generated
 crawl pages precision/recall against their ground truth.
 """
 
@@ -285,15 +286,17 @@ def filter_shard(task: ShardTask) -> dict[str, Any]:
     ids, texts, metas = (table.column(c).to_pylist() for c in ("id", "text", "meta"))
     model = None
     classify = task.model is not None and task.role in q.classifier.apply_to_roles
+    vocab: set[str] = set()
     if classify:
         import fasttext
 
         model = fasttext.load_model(task.model)
+        vocab = set(json.loads(Path(task.model).with_name("vocab.json").read_text()))
     rng = np.random.default_rng([task.seed, task.index])  # one stream per shard: the same on any executor
     kept, dropped, reasons, lines_removed = [], [], Counter(), Counter()
     hist = np.zeros(10, dtype=np.int64)
     truth_pred = Counter()
-    held_scores, held_labels = [], []
+    topic_rows: list[tuple[float, int, float]] = []  # held-out documents the classifier decides on: score, words, topic share
     cleaned = [_prepare(t, task.role, q, pattern) for t in texts]
     scores = hq_scores(model, [ft_text(c, q.classifier.max_chars) for c, _ in cleaned]) if classify else None
     identified = q.language.enabled and task.role in q.language.roles
@@ -316,6 +319,8 @@ def filter_shard(task: ShardTask) -> dict[str, Any]:
             meta["quality_score"] = round(s, 6)
             hist[min(int(s * 10), 9)] += 1
             draw = rng.pareto(q.classifier.pareto_alpha)  # drawn for every doc: stable across rule changes
+            if keep and in_holdout(doc_id, q.classifier.holdout_fraction):
+                topic_rows.append((s, len(text.split()), topic_share(text, vocab)))
             if keep:
                 passed = draw > 1 - s if q.classifier.keep_rule == "pareto" else s >= q.classifier.threshold
                 keep, reason = (True, None) if passed else (False, "classifier")
@@ -335,12 +340,11 @@ def filter_shard(task: ShardTask) -> dict[str, Any]:
             pq.write_table(pa.Table.from_pylist(rows, schema=DOC_SCHEMA), out, compression="zstd")
     return {"docs": len(ids), "kept": len(kept), "reasons": dict(reasons), "lines_removed": dict(lines_removed),
             "hist": hist.tolist(), "truth_pred": {f"{t}:{p}": c for (t, p), c in truth_pred.items()},
-            "rules_skipped": dict(skipped), "by_language": dict(by_language)}
+            "rules_skipped": dict(skipped), "by_language": dict(by_language), "topic_rows": topic_rows}
 
 
-def holdout_scores(task: ShardTask) -> tuple[list[float], list[int], list[int], list[float]]:
-    """Classifier scores of this shard's held-out documents, with their labels (1 = reference),
-    word counts and shares of words from the reference vocabulary (`vocab.json` beside the model)."""
+def holdout_scores(task: ShardTask) -> tuple[list[float], list[int]]:
+    """Classifier scores of this shard's held-out documents, with their labels (1 = reference)."""
     import fasttext
 
     q = task.quality
@@ -349,8 +353,7 @@ def holdout_scores(task: ShardTask) -> tuple[list[float], list[int], list[int], 
     texts = [ft_text(_prepare(t, task.role, q, pattern)[0], q.classifier.max_chars)
              for d, t in zip(table.column("id").to_pylist(), table.column("text").to_pylist()) if in_holdout(d, q.classifier.holdout_fraction)]
     scores = hq_scores(fasttext.load_model(task.model), texts) if texts else np.zeros(0)
-    vocab = set(json.loads(Path(task.model).with_name("vocab.json").read_text()))
-    return scores.tolist(), [int(task.role == "reference")] * len(texts), [len(t.split()) for t in texts], [topic_share(t, vocab) for t in texts]
+    return scores.tolist(), [int(task.role == "reference")] * len(texts)
 
 
 TOPIC_WORD = re.compile(r"[^\W\d_]{4,}")  # words of four letters or more: function words mostly shorter
@@ -455,12 +458,10 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
             held = pool.map(holdout_scores, [task(i, n, role, f, model=str(model_path)) for i, (n, role, f) in enumerate(shards) if role in ("reference", "crawl")])
             scores = np.array([s for h in held for s in h[0]])
             labels = np.array([lab for h in held for lab in h[1]], dtype=int)
-            lengths = np.array([n for h in held for n in h[2]])
-            topics = np.array([t for h in held for t in h[3]])
             metrics["classifier"].update(precision_recall(scores >= q.classifier.threshold, labels == 1), auc=auc(scores, labels),
                                          heldout_docs=len(labels))
-            crawl_held = labels == 0
-            metrics["classifier"]["topicality"] = topicality(scores[crawl_held], lengths[crawl_held], topics[crawl_held])
+            rows = np.array([row for r in results for row in r["topic_rows"]], dtype=np.float64).reshape(-1, 3)
+            metrics["classifier"]["topicality"] = topicality(rows[:, 0], rows[:, 1], rows[:, 2])
             if metrics["classifier"]["topicality"]["warning"]:
                 log.warning("quality classifier: %s", metrics["classifier"]["topicality"]["warning"])
         for name in sorted({n for n, _, _ in shards}):  # a source whose every document was dropped still has its folder
