@@ -263,4 +263,9 @@ def test_keep_fraction_keeps_the_crawl_top_share(workdir, tiny_params):
     assert "classifier" not in m[1.0]["sources"]["web_crawl"]["dropped"]  # the whole crawl passes at 100%
     assert m[0.3]["sources"]["web_crawl"]["dropped"].get("classifier", 0) > 0
     topical = m[0.3]["classifier"]["topicality"]
-    assert topical["docs"] > 10 and topical["spearman_length"] is not None
+    # measured on the held-out pages the classifier decided on: kept, or dropped by it (recounted from the outputs)
+    decided = [r["id"] for name in ("web_crawl", "web_archive") for r in read_docs(workdir / "data/filtered" / name)]
+    decided += [r["id"] for name in ("web_crawl", "web_archive") for r in read_docs(workdir / "data/dropped" / name)
+                if json.loads(r["meta"])["drop_reason"] == "classifier"]
+    held = sum(quality.in_holdout(d, c.holdout_fraction) for d in decided)
+    assert topical["docs"] == held > 10 and topical["spearman_length"] is not None
