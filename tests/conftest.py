@@ -55,7 +55,7 @@ def tiny_raw_params() -> dict:
     raw["paths"]["human_preferences"] = "examples/preferences.jsonl"
     raw["preferences"]["sampling"]["max_new_tokens"] = 8
     raw["reward"]["train"].update(steps=4, **small)
-    raw["ppo"].update(steps=2, batch_prompts=4, ckpt_every=1)
+    raw["ppo"].update(steps=2, batch_prompts=4, ckpt_every=1, value_warmup=1)
     raw["ppo"]["sampling"]["max_new_tokens"] = 8
     raw["group_rl"].update(steps=2, batch_prompts=2, group_size=2, ckpt_every=1)
     raw["group_rl"]["sampling"]["max_new_tokens"] = 8

@@ -218,7 +218,7 @@ def test_ppo_ratio_is_exactly_one_before_the_first_update_with_dropout_and_tempe
     dropped = ModelConfig(**{**TINY.__dict__, "dropout": 0.3})
     policy, ref, value = GPT(dropped), GPT(dropped), ScalarModel(dropped)
     ref.load_state_dict(policy.state_dict())
-    cfg = conf("ppo", steps=1, batch_prompts=8, ppo_epochs=1, minibatches=1, lr=1e-30, value_lr=1e-30,
+    cfg = conf("ppo", steps=1, value_warmup=0, batch_prompts=8, ppo_epochs=1, minibatches=1, lr=1e-30, value_lr=1e-30,
                sampling={"max_new_tokens": 6, "temperature": 0.7, "top_p": 1.0},
                kl={"beta": 0.1, "adaptive": False, "target": 2.0, "horizon": 64})
     hist = rl_loop(policy, ref, value, lambda p, r, i: torch.zeros(len(r)), [[1, 2, 3 + i] for i in range(8)], cfg,
@@ -233,7 +233,7 @@ def test_unfinished_responses_pay_the_missing_eos_penalty():
     torch.manual_seed(0)
     policy, ref, value = GPT(TINY), GPT(TINY), ScalarModel(TINY)
     ref.load_state_dict(policy.state_dict())
-    cfg = conf("ppo", steps=1, batch_prompts=8, ppo_epochs=1, minibatches=1, missing_eos_penalty=1.5,
+    cfg = conf("ppo", steps=1, value_warmup=0, batch_prompts=8, ppo_epochs=1, minibatches=1, missing_eos_penalty=1.5,
                sampling={"max_new_tokens": 3, "temperature": 1.0, "top_p": 1.0})
     hist = rl_loop(policy, ref, value, lambda p, r, i: torch.zeros(len(r)), [[1, 2, 3 + i] for i in range(8)], cfg,
                     pad_id=0, stop_ids=(), seed=0, device=torch.device("cpu"))  # no stop token: nothing finishes

@@ -191,7 +191,7 @@ def test_ppo_raises_a_planted_reward_with_bounded_kl(device):
         return torch.tensor([sum(t == target for t in r) / max(len(r), 1) for r in responses], dtype=torch.float)
 
     prompts = [[1, 2, 3 + i % 5] for i in range(32)]
-    cfg = conf("ppo", steps=30, batch_prompts=16, sampling={"max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0}, ppo_epochs=2,
+    cfg = conf("ppo", steps=30, value_warmup=0, batch_prompts=16, sampling={"max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0}, ppo_epochs=2,
                minibatches=2, lr=3e-3, value_lr=3e-3, kl={"beta": 0.01, "adaptive": False, "target": 2.0, "horizon": 1000})
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
     hist = rl_loop(policy, ref, value, score_fn, prompts, cfg, pad_id=0, stop_ids=(), seed=0, device=torch.device(device), autocast=autocast)
@@ -204,6 +204,7 @@ def test_ppo_raises_a_planted_reward_with_bounded_kl(device):
 
 
 def _tiny_ppo(steps=4, perturb=False, **kw):
+    kw.setdefault("value_warmup", 0)
     torch.manual_seed(0)
     policy = GPT(TINY)
     ref = GPT(TINY)
@@ -402,7 +403,7 @@ def test_ppo_scores_penalise_unfinished_responses_and_know_their_prompts():
         calls.append((batch_prompts, idx))
         return torch.full((len(responses),), 0.5)
 
-    cfg = conf("ppo", steps=1, batch_prompts=4, sampling={"max_new_tokens": 6, "temperature": 1.0, "top_p": 1.0}, ppo_epochs=1,
+    cfg = conf("ppo", steps=1, value_warmup=0, batch_prompts=4, sampling={"max_new_tokens": 6, "temperature": 1.0, "top_p": 1.0}, ppo_epochs=1,
                minibatches=1, missing_eos_penalty=2.0, kl={"beta": 0.0, "adaptive": False, "target": 2.0, "horizon": 1000})
     stop = tuple(range(0, 40, 3))  # about a third of the vocabulary stops: some responses end, some do not
     (row,) = rl_loop(policy, ref, value, score_fn, prompts, cfg, pad_id=0, stop_ids=stop, seed=0, device=torch.device("cpu"))
@@ -410,3 +411,24 @@ def test_ppo_scores_penalise_unfinished_responses_and_know_their_prompts():
     assert len(idx) == 4 and [prompts[i] for i in idx] == batch_prompts
     assert 0 < row["finished_fraction"] < 1
     assert row["reward_mean"] == pytest.approx(0.5 - 2.0 * (1 - row["finished_fraction"]), abs=1e-6)
+
+
+def test_the_value_warm_up_trains_the_value_alone_then_the_policy_moves():
+    policy, value, run = _tiny_ppo(steps=2, value_warmup=3, ptx_coef=1.0, kl={"beta": 0.05, "adaptive": True, "target": 0.01, "horizon": 10})
+    fixed = (torch.tensor([[1, 2, 3, 4, 5, 6]]), torch.tensor([[2, 3, 4, 5, 6, 7]]))
+    p0 = {k: v.clone() for k, v in policy.state_dict().items()}
+    v0 = {k: v.clone() for k, v in value.state_dict().items()}
+    after: list[dict] = []
+
+    def snapshot(it, row, *a):
+        after.append({"policy": {k: v.clone() for k, v in policy.state_dict().items()}, "value": {k: v.clone() for k, v in value.state_dict().items()}})
+
+    hist = run(on_iter=snapshot, ptx_fn=lambda k: fixed)
+    assert "ptx_loss" in hist[3]  # PPO-ptx is on, but only once the policy moves
+    assert [h["phase"] for h in hist] == ["value_warmup"] * 3 + ["policy"] * 2 and [h["iteration"] for h in hist] == [1, 2, 3, 4, 5]
+    for i in range(3):  # warm-up: the policy is untouched, the value function learns, beta stays
+        assert all(torch.equal(after[i]["policy"][k], p0[k]) for k in p0)
+        assert hist[i]["clip_fraction"] == 0.0 and hist[i]["beta"] == 0.05 and "ptx_loss" not in hist[i]
+    assert any(not torch.equal(after[0]["value"][k], v0[k]) for k in v0)
+    assert any(not torch.equal(after[3]["policy"][k], p0[k]) for k in p0)  # then the policy moves
+    assert hist[3]["beta"] != 0.05  # and the KL controller reacts
