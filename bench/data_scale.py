@@ -5,11 +5,14 @@
     python bench/data_scale.py --sizes 5 --work /big/tmp --generate-only   # then again without it: reused
     python bench/data_scale.py --sizes 1.2 --work /big/tmp --keep          # keep each run's outputs, then
     python bench/data_scale.py --sizes 1.2 --work /big/tmp --stages dedup tokenize   # rerun some stages on them
+    python bench/data_scale.py --sizes 0.3 --format warc              # the same pages as HTML in .warc.gz files
 
 The corpus is JSONL files of crawl-like documents built from real text (paragraphs of
 Python's documentation, recombined and lightly edited, so the vocabulary is real), with
 boilerplate lines, junk pages and 15% near-duplicates; the built-in `python_docs` source is
-the classifier's reference. Each stage runs as the pipeline runs it (`python -m
+the classifier's reference. With `--format warc` the same pages are HTML (menus in <nav>,
+footers in <footer>, paragraphs in <article>) in gzipped WARC files of about 100 MB, read by
+a `warc` source: the archive path (FastWARC, charset, Resiliparse) at scale. Each stage runs as the pipeline runs it (`python -m
 tasks.<stage> --params ...` in a work folder, MLflow to a throwaway SQLite file), and the
 script prints per stage: seconds, MB/s and docs/s of input, peak RSS of the stage's whole
 process tree (workers included), and the disk its outputs take. At the end: peak RSS per
@@ -42,18 +45,16 @@ INPUT_OF = {"sources": None, "collect": "corpus", "quality": "data/raw", "dedup"
             "tokenizer": "data/dedup", "tokenize": "data/dedup"}
 
 
-def generate(folder: Path, gigabytes: float, seed: int) -> tuple[int, int]:
-    """JSONL files of about `gigabytes` GB; returns (documents, bytes)."""
+def documents(gigabytes: float, seed: int):
+    """Crawl-like texts until about `gigabytes` GB of them (first and last line: page chrome)."""
     from tasks.lib import corpora
 
     rng = random.Random(seed)
     paras = [p.strip() for _, t, _ in corpora.python_docs() for p in t.split("\n\n") if 15 <= len(p.split()) <= 150]
     menus = ["Home | About | Blog | Contact", "We use cookies to improve your experience.", "Subscribe to our newsletter",
              "Copyright 2024. All rights reserved.", "Share: Twitter | Facebook | Email"]
-    folder.mkdir(parents=True, exist_ok=True)
-    target, written, docs, part = int(gigabytes * 1e9), 0, 0, 0
+    target, written = int(gigabytes * 1e9), 0
     recent: list[str] = []
-    fh = open(folder / f"part-{part:04d}.jsonl", "w", encoding="utf-8")
     while written < target:
         r = rng.random()
         if r < 0.15 and recent:  # a near-duplicate: light edits and an appended footer
@@ -67,6 +68,48 @@ def generate(folder: Path, gigabytes: float, seed: int) -> tuple[int, int]:
             recent.append(text)
             if len(recent) > 2000:
                 recent.pop(rng.randrange(len(recent)))
+        written += len(text.encode())
+        yield text
+
+
+def as_html(text: str, title: str) -> bytes:
+    from html import escape
+
+    lines = text.split("\n")
+    nav, body, foot = (lines[0], lines[1:-1], lines[-1]) if len(lines) >= 3 else ("", lines, "")
+    paras = "".join(f"<p>{escape(p)}</p>" for p in body)
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title></head><body><nav>{escape(nav)}</nav>"
+            f"<main><article><h1>{title}</h1>{paras}</article></main><footer>{escape(foot)}</footer></body></html>").encode()
+
+
+def generate(folder: Path, gigabytes: float, seed: int, fmt: str = "jsonl") -> tuple[int, int]:
+    """JSONL (or WARC) files of about `gigabytes` GB of text; returns (documents, bytes on disk)."""
+    from tasks.lib.webarchive import Page, warc_bytes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    docs = part = 0
+    if fmt == "warc":
+        pages: list = []
+        size = 0
+
+        def flush() -> None:
+            nonlocal pages, size, part
+            (folder / f"part-{part:04d}.warc.gz").write_bytes(warc_bytes(pages))
+            pages, size, part = [], 0, part + 1
+
+        for text in documents(gigabytes, seed):
+            body = as_html(text, f"d{docs}")
+            pages.append(Page(f"https://site{docs % 97}.example/d{docs}.html", 200, "text/html; charset=utf-8", body))
+            size += len(body)
+            docs += 1
+            if size > 300_000_000:  # about 100 MB of gzipped WARC per file
+                flush()
+        if pages:
+            flush()
+        return docs, sum(f.stat().st_size for f in folder.glob("*.warc.gz"))
+    fh = open(folder / f"part-{part:04d}.jsonl", "w", encoding="utf-8")
+    written = 0
+    for text in documents(gigabytes, seed):
         line = json.dumps({"id": f"d{docs}", "text": text}, ensure_ascii=False) + "\n"
         fh.write(line)
         written += len(line.encode())
@@ -121,12 +164,14 @@ def run_stage(stage: str, work: Path, env: dict) -> tuple[float, int, int]:
     return time.time() - t0, peak, peak_main
 
 
-def params_for(corpus: Path, workers: int) -> dict:
+def params_for(corpus: Path, workers: int, fmt: str = "jsonl") -> dict:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["executor"]["workers"] = workers
+    crawl = ({"name": "crawl", "kind": "warc", "role": "crawl", "globs": [str(corpus / "*.warc.gz")]} if fmt == "warc" else
+             {"name": "crawl", "kind": "files", "role": "crawl", "globs": [str(corpus / "*.jsonl")]})
     raw["collect"]["sources"] = [
         {"name": "python_docs", "kind": "builtin", "corpus": "python_docs", "role": "reference"},
-        {"name": "crawl", "kind": "files", "role": "crawl", "globs": [str(corpus / "*.jsonl")]},
+        crawl,
     ]
     raw["mix"]["weights"] = {"python_docs": 0.2, "crawl": 0.8}
     raw["tokenizer"]["max_train_bytes"] = 200_000_000  # BPE on a 200 MB sample, as large corpora do
@@ -139,6 +184,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[0])
     ap.add_argument("--work", default=None, help="work folder (default: a temporary one, removed at the end)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--format", choices=["jsonl", "warc"], default="jsonl", help="the generated crawl's files: JSONL, or HTML in WARC")
     ap.add_argument("--generate-only", action="store_true", help="only generate the corpora (into --work, for a later run)")
     ap.add_argument("--stages", nargs="+", choices=STAGES, default=STAGES,
                     help="stages to run (the others' outputs must be in the run folder: see --keep)")
@@ -152,13 +198,13 @@ def main() -> int:
     summary = []
     try:
         for size in args.sizes:
-            corpus = base / f"corpus-{size}-{args.seed}"
+            corpus = base / f"corpus-{size}-{args.seed}" if args.format == "jsonl" else base / f"corpus-{size}-{args.seed}-warc"
             made = corpus / "generated.json"  # a corpus generated earlier in this work folder is reused
             t0 = time.time()
             if made.exists():
                 docs, nbytes = json.loads(made.read_text())
             else:
-                docs, nbytes = generate(corpus, size, args.seed)
+                docs, nbytes = generate(corpus, size, args.seed, args.format)
                 made.write_text(json.dumps([docs, nbytes]))
             print(f"\n== corpus of {nbytes / 1e9:.2f} GB, {docs} documents (ready in {time.time() - t0:.0f} s)")
             if args.generate_only:
@@ -166,7 +212,7 @@ def main() -> int:
             for workers in args.workers:
                 work = base / f"run-{size}-{workers}"
                 work.mkdir(exist_ok=True)
-                (work / "params.yaml").write_text(yaml.safe_dump(params_for(corpus, workers), sort_keys=False))
+                (work / "params.yaml").write_text(yaml.safe_dump(params_for(corpus, workers, args.format), sort_keys=False))
                 print(f"-- executor: local, workers {workers or 'all cores'}")
                 print(f"{'stage':>10} | {'seconds':>8} | {'MB/s':>7} | {'docs/s':>8} | {'peak RSS MB':>11} | {'main MB':>7} | {'disk MB':>8}")
                 peak_all, total_s = 0, 0.0
