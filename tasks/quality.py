@@ -58,7 +58,7 @@ from tasks.config import Params
 from tasks.lib.errors import StageError
 from tasks.lib.hashing import in_fraction, unit_interval
 from tasks.lib.languages import identify, spaceless, stop_words
-from tasks.lib.process import die_with_parent
+from tasks.lib.executor import orphan_guard
 from tasks.lib.storage import DOC_SCHEMA, atomic_dir, read_shard_table, shard_files, shard_rows, source_folders, write_json
 
 STAGE = "quality"
@@ -211,7 +211,7 @@ def train_classifier(pos: list[str], neg: list[str], cfg: Any, seed: int, model_
     # different weights and sometimes "Encountered NaN". Each training therefore runs in a
     # fresh process, where it is deterministic; the process dies with this one.
     try:
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent) as pool:
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=orphan_guard) as pool:
             error = pool.submit(_fit_fasttext, str(train_file), str(model_path), kwargs).result()
     finally:
         train_file.unlink()

@@ -326,15 +326,22 @@ def test_deeply_nested_json_in_a_source_is_counted(work, capsys):
 
 
 def test_ctrl_c_while_pool_workers_start_prints_no_worker_traceback(work):
+    from tests.test_faults import process_tree
+
     edit_params(**{"executor.workers": 2})
-    proc = subprocess.Popen([sys.executable, "-m", "tasks.quality"], cwd=work, env={**os.environ, "PYTHONPATH": str(REPO)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 60
-    while time.time() < deadline:  # until the pool's workers exist (they are still importing)
-        kids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        if len(kids) >= 2:
+    for attempt in range(3):  # the stage may finish before two workers are seen: a race the test retries
+        proc = subprocess.Popen([sys.executable, "-m", "tasks.quality"], cwd=work, env={**os.environ, "PYTHONPATH": str(REPO)},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        seen = False
+        while proc.poll() is None:  # until the pool's workers exist (they are still importing)
+            if len(process_tree(proc.pid) - {proc.pid}) >= 2:
+                seen = True
+                break
+            time.sleep(0.01)
+        if seen:
             break
-        time.sleep(0.05)
+        proc.communicate(timeout=120)
+    assert seen, "two pool workers were never seen while the stage ran"
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does: the whole foreground group
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "error: quality: interrupted" in err, err[-2000:]
@@ -469,3 +476,28 @@ def test_saving_a_ranking_does_not_make_judge_labelled_preferences_stale(tmp_pat
     assert labels_fingerprint("gold", f) == gold and labels_fingerprint("file", f) != human
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["preferences"]
     assert "${paths.human_preferences}" not in spec["deps"] and "${paths.labels}" in spec["deps"]
+
+
+def test_a_worker_whose_parent_died_while_it_started_exits(tmp_path):
+    """PR_SET_PDEATHSIG set after the parent died never fires: the orphan check must end the worker."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import multiprocessing, os, time\n"
+        "def child():\n"
+        "    time.sleep(1.0)  # still starting (importing) when the parent dies\n"
+        "    from tasks.lib.executor import orphan_guard\n"
+        "    orphan_guard()\n"
+        "    time.sleep(60)\n"
+        "if __name__ == '__main__':\n"
+        "    p = multiprocessing.get_context('spawn').Process(target=child)\n"
+        "    p.start()\n"
+        "    print(p.pid, flush=True)\n"
+        "    os._exit(0)  # the parent dies at once, as under SIGKILL\n")
+    out = subprocess.run([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
+    child = int(out.stdout.split()[0])
+    from tests.test_faults import descendants_alive
+
+    deadline = time.time() + 20
+    while descendants_alive({child}) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not descendants_alive({child}), "the orphaned worker is still running"

@@ -59,8 +59,21 @@ def one_thread() -> None:
     pyarrow.set_cpu_count(1)
 
 
-def _worker_init() -> None:
+def orphan_guard() -> None:
+    """The initializer of a spawned worker: SIGTERM when its parent dies, and exit now if the
+    parent already died while this worker was still starting (PR_SET_PDEATHSIG does not fire
+    for a death before it was set, and the worker would then wait on its task queue forever:
+    it holds the queue's write end itself)."""
+    import multiprocessing
+
     die_with_parent()
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        os._exit(1)
+
+
+def _worker_init() -> None:
+    orphan_guard()
     one_thread()
 
 
