@@ -73,7 +73,13 @@ def orphan_guard() -> None:
 
 
 def _worker_init() -> None:
+    import signal
+
     orphan_guard()
+    # the worker started with SIGINT blocked (see Executor._submit): a Ctrl-C that came while it
+    # was importing is pending; it is the stage's to handle, so ignore it, then unblock
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     one_thread()
 
 
@@ -144,20 +150,31 @@ class Executor:
             bar.close()
 
     def _submit(self, fn, items) -> list:
-        """Submit every item. The workers start at the first submission and inherit an ignored
-        SIGINT: Ctrl-C in the terminal reaches the whole process group, and a worker still
-        importing would print a KeyboardInterrupt traceback of its own; the stage handles it
-        and stops them (and PR_SET_PDEATHSIG stops them if it dies)."""
+        """Submit every item. The workers start at the first submission with SIGINT blocked (a
+        signal mask survives exec): Ctrl-C in the terminal reaches the whole process group, and
+        a worker still importing would print a KeyboardInterrupt traceback of its own, so there
+        it stays pending until the worker's initializer ignores it. In this process it is only
+        held back until the submission is done, then raised: ignoring it here instead lost a
+        Ctrl-C that came while the workers started (found by the Ctrl-C test)."""
         import signal
         import threading
 
         if threading.current_thread() is not threading.main_thread():
             return [self._pool.submit(fn, it) for it in items]
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # any thread may take the signal: a recording handler keeps it from interrupting a
+        # worker's start half-way (the worker would die reading its start-up data); blocked in
+        # this thread, the workers started from it inherit the block
+        caught: list[int] = []
+        old_handler = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
-            return [self._pool.submit(fn, it) for it in items]
+            futures = [self._pool.submit(fn, it) for it in items]
         finally:
-            signal.signal(signal.SIGINT, old)
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            signal.signal(signal.SIGINT, old_handler)
+        if caught:
+            raise KeyboardInterrupt
+        return futures
 
     def _map_ray(self, fn, items, bar) -> list[Any]:
         import ray
