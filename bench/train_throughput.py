@@ -42,7 +42,7 @@ def measure(cfg: ModelConfig, batch: int, steps: int, warmup: int, dtype: str, c
     T = cfg.max_seq_len
     stamps: list[float] = []
 
-    def batch_fn(step, micro, rank):
+    def batch_fn(step, micro):
         g = torch.Generator().manual_seed(step)
         x = torch.randint(0, cfg.vocab_size, (batch, T + 1), generator=g)
         return x[:, :-1], x[:, 1:]

@@ -64,6 +64,23 @@ class Compute(Section):
     dtype: Literal["auto", "float32", "bfloat16"]  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool  # torch.compile, CUDA only
     peak_tflops: PosFloat | None  # for MFU; known GPUs are detected
+    # several processes (one per GPU; gloo processes on a CPU): the stage relaunches itself under
+    # torchrun with these values, as torchrun names them. The global batch stays what the stage's
+    # `train` block says: its grad_accum is split over the nproc_per_node x nnodes processes.
+    nproc_per_node: PosInt
+    nnodes: PosInt
+    rdzv_endpoint: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+:[0-9]{1,5}$")] | None  # host:port of the first node (nnodes > 1)
+    rdzv_timeout: PosInt  # seconds to wait for every node to join
+
+    @property
+    def world(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+    @model_validator(mode="after")
+    def _rendezvous(self) -> "Compute":
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError(f"nnodes = {self.nnodes} needs rdzv_endpoint (host:port of the first node, the same on every node)")
+        return self
 
 
 class Sampling(Section):
@@ -723,6 +740,17 @@ def consistency_problems(p: Params) -> list[str]:
     prompts, and an adaptive KL coefficient that moves slowly. Checked for params files
     (load_params), not for the sections tests build by hand."""
     out = []
+    for name in ("pretrain", "sft", "reward", "dpo"):  # the global batch is split, not multiplied, over processes
+        sec = getattr(p, name)
+        if sec.train.grad_accum % sec.compute.world:
+            out.append(f"{name}.train.grad_accum = {sec.train.grad_accum} does not divide over {name}.compute's {sec.compute.world} processes "
+                       f"(nproc_per_node {sec.compute.nproc_per_node} x nnodes {sec.compute.nnodes}): make it a multiple of {sec.compute.world}, "
+                       "so the global batch stays the same")
+    for name in ("preferences", "ppo", "group_rl", "evaluate"):
+        c = getattr(p, name).compute
+        if c.world > 1:
+            out.append(f"{name}.compute runs on one process (nproc_per_node and nnodes must be 1, not {c.nproc_per_node} and {c.nnodes}): "
+                       "sampling stages do not split over processes yet")
     lengths = {"preferences": p.preferences.sampling.max_new_tokens, "ppo": p.ppo.sampling.max_new_tokens,
                "group_rl": p.group_rl.sampling.max_new_tokens, "evaluate": p.evaluate.sampling.max_new_tokens}
     if len(set(lengths.values())) > 1:

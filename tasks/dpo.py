@@ -144,8 +144,8 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
         ref = {s: completion_logprobs(ref_model, v, t.pad, rt.device, cfg.length_normalise) for s, v in data.items()}
     kl_prompts = [it["prompt"] for it in data["val"][: cfg.kl_prompts]]
 
-    def batch_fn(step: int, micro: int, rank: int):
-        gen = seeded(params.seed, step, micro, rank)
+    def batch_fn(step: int, micro: int):  # micro: the step's micro-batch, counted over all processes
+        gen = seeded(params.seed, step, micro, 0)  # 0: as in runs from before micro-batches were counted over processes
         picked = torch.randint(0, len(data["train"]), (tc.batch_size,), generator=gen).tolist()
         return [data["train"][i] for i in picked], [ref["train"][i] for i in picked]
 
@@ -164,6 +164,8 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
                      content_hash([inputs["sft"], inputs["preferences"]]))
     policy, hist = train_loop(STAGE, policy, tc, rt, batch_fn, loss_fn, lambda b: sum(len(c) for it in b[0] for c in it["comps"]),
                               outputs["checkpoints"], fp, eval_fn=eval_fn, seed=params.seed)
+    if not rt.main:  # the other processes of a DDP run trained only
+        return {}
     # 4. write
     policy.eval()
     test = evaluate_pairs(policy, data["test"], ref["test"], cfg, t.pad, rt.device)

@@ -1,10 +1,11 @@
 """pretrain: next-token prediction on the token files; registered model `base`.
 
     python -m tasks.pretrain                              # what `dvc repro pretrain` runs
-    torchrun --nproc_per_node 2 -m tasks.pretrain         # DDP (gloo on CPU, nccl on GPU)
+    (pretrain.compute.nproc_per_node: 8 -> it relaunches itself under torchrun: DDP, same global batch)
 
 1. data      B random windows of T+1 tokens from `data/tokens/train.bin`, drawn from a
-             generator seeded by (seed, step, micro-batch, rank): a resumed run sees the same data
+             generator seeded by (seed, step, micro-batch): a resumed run, or one on another
+             number of processes, sees the same data
 2. model     the GPT of `model` in params.yaml, vocabulary from the tokenizer
 3. train     the shared loop (tasks/lib/train.py); validation loss on fixed windows of
              `val.bin` and sample generations (to MLflow) at each evaluation
@@ -44,7 +45,6 @@ def model_config(params: Params, vocab_size: int) -> ModelConfig:
 
 def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict:
     import mlflow
-    import torch.distributed as dist
 
     from tasks.lib import registry, tracking
     from tasks.lib.bpe import load_tokenizer
@@ -66,8 +66,9 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
         raise StageError(f"{inputs['tokens']}/val.bin has {len(val)} tokens: too few to validate on (raise mix.val_fraction)")
     val_len = min(seq_len, len(val) - 2)
 
-    def batch_fn(step: int, micro: int, rank: int):
-        return windows(train, tc.batch_size, seq_len, seeded(params.seed, step, micro, rank))
+    def batch_fn(step: int, micro: int):  # micro: the step's micro-batch, counted over all processes
+        # 0: the draws of runs from before micro-batches were counted over processes
+        return windows(train, tc.batch_size, seq_len, seeded(params.seed, step, micro, 0))
 
     # 2. model
     torch.manual_seed(params.seed)
@@ -91,7 +92,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
                      content_hash([inputs["tokens"], inputs["tokenizer"]]))
     model, hist = train_loop(STAGE, model, tc, rt, batch_fn, loss_fn, lambda b: b[0].numel(), outputs["checkpoints"],
                              fp, eval_fn=eval_fn, flops_per_token=model.flops_per_token(seq_len), seed=params.seed)
-    if dist.is_initialized() and dist.get_rank() != 0:
+    if not rt.main:  # the other processes of a DDP run trained only
         return {}
     # 4. write
     entropy = unigram_entropy(train, meta["vocab_size"])
@@ -105,7 +106,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     hashes = tracking.input_hashes(inputs)
     card = registry.model_card("base", STAGE, {k.removeprefix("input."): v for k, v in hashes.items()},
                                {"params": model.num_params(), "layers": params.model.n_layer, "d_model": params.model.d_model,
-                                "tokens": tc.steps * tc.batch_size * tc.grad_accum * seq_len * rt.world, "lr": tc.lr},
+                                "tokens": tc.steps * tc.batch_size * tc.grad_accum * seq_len, "lr": tc.lr},
                                {"val_loss": final_val, "unigram_entropy": entropy})
     version = registry.register_checkpoint("base", outputs["base"], {**tracking.git_commit(), **hashes, "stage": STAGE}, card)
     tracking.set_tags({"registered_version": f"base/{version}"})
@@ -115,7 +116,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
         "first_train_loss": hist["first_loss"],
         "unigram_entropy": entropy,
         "val_loss_below_unigram": entropy - final_val,
-        "tokens_seen": tc.steps * tc.batch_size * tc.grad_accum * seq_len * rt.world,
+        "tokens_seen": tc.steps * tc.batch_size * tc.grad_accum * seq_len,  # the global batch, on any number of processes
         "num_params": model.num_params(),
         "flops_per_token": model.flops_per_token(seq_len),
         "steps": tc.steps,

@@ -96,8 +96,8 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
         raise StageError(f"no untied preference pairs (train prompts {len(train)}, val prompts {len(val)}, test prompts {len(test)})")
     rt = Runtime(params.reward.compute)
 
-    def batch_fn(step: int, micro: int, rank: int):
-        gen = seeded(params.seed, step, micro, rank)
+    def batch_fn(step: int, micro: int):  # micro: the step's micro-batch, counted over all processes
+        gen = seeded(params.seed, step, micro, 0)  # 0: as in runs from before micro-batches were counted over processes
         return [train[i] for i in torch.randint(0, len(train), (tc.batch_size,), generator=gen).tolist()]
 
     def loss_fn(m, batch):
@@ -114,6 +114,8 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     # weights of the best held-out accuracy are kept
     model, hist = train_loop(STAGE, model, tc, rt, batch_fn, loss_fn, lambda b: sum(len(s) for p in b for s in p["seqs"]),
                              outputs["checkpoints"], fp, eval_fn=eval_fn, seed=params.seed, best_by="val_accuracy")
+    if not rt.main:  # the other processes of a DDP run trained only
+        return {}
     # 3. normalise: rewards of the training completions get mean 0 and std 1, folded into the
     # model, so its scores, PPO's rewards and the value function it initialises share units
     model.eval()

@@ -52,8 +52,8 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
         raise StageError(f"no usable SFT examples (train {len(train)}, val {len(val)}): check instructions.sources and the length limits")
     rt = Runtime(cfg.compute)
 
-    def batch_fn(step: int, micro: int, rank: int):
-        gen = seeded(params.seed, step, micro, rank)
+    def batch_fn(step: int, micro: int):  # micro: the step's micro-batch, counted over all processes
+        gen = seeded(params.seed, step, micro, 0)  # 0: as in runs from before micro-batches were counted over processes
         idx = torch.randint(0, len(train), (tc.batch_size,), generator=gen).tolist()
         return instructions.masked_batch([train[i] for i in idx], t.pad)
 
@@ -85,6 +85,8 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     fp = fingerprint([params.seed, ic.model_dump(), cfg.model_dump(exclude={"compute"})], code_hash(f"tasks.{STAGE}"), content_hash([inputs["base"]]))
     model, hist = train_loop(STAGE, model, tc, rt, batch_fn, loss_fn, lambda b: int(b[2].sum()), outputs["checkpoints"],
                              fp, eval_fn=eval_fn, seed=params.seed)
+    if not rt.main:  # the other processes of a DDP run trained only
+        return {}
     # 3. write
     final_val = hist["evals"][-1]["val_loss"]
     with atomic_dir(outputs["sft"]) as out:

@@ -12,7 +12,8 @@ A stage module declares what it reads and writes and a pure function:
 `main` parses `params.yaml` (validated, clear errors), resolves the paths, opens the
 stage's MLflow run, calls `run`, writes the metrics to `reports/<stage>.json` (the DVC
 metrics file; figures that change from run to run, like seconds, go to MLflow only) and logs
-the metrics, the resolved config and the report folder to MLflow.
+the metrics, the resolved config and the report folder to MLflow. A stage whose compute block
+asks for several processes relaunches itself under torchrun (`relaunch`).
 
 A bad `params.yaml` or a bad input ends the process with exit code 2 and one readable
 message, not a traceback. SIGTERM and Ctrl-C end it with the MLflow run marked KILLED.
@@ -24,6 +25,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -77,6 +79,86 @@ def metrics_path(params: Params, stage: str) -> Path:
     return Path(params.paths.reports) / f"{stage}.json"
 
 
+def torchrun_command(compute: Any, module: str, argv: list[str]) -> list[str]:
+    """The torchrun line that runs `python -m <module> <argv>` on nproc_per_node processes of this
+    node: standalone on one node (a free local port), a c10d rendezvous at rdzv_endpoint across
+    nodes (the same command on every node; the node that owns the address hosts it)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={compute.nproc_per_node}", f"--nnodes={compute.nnodes}"]
+    if compute.nnodes == 1:
+        cmd.append("--standalone")
+    else:
+        cmd += ["--rdzv_backend=c10d", f"--rdzv_endpoint={compute.rdzv_endpoint}", f"--rdzv_id={module}",
+                f"--rdzv_conf=join_timeout={compute.rdzv_timeout}"]
+    return [*cmd, "-m", module, *argv]
+
+
+def _is_local(address: str) -> bool:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((address, 0))  # only an address of this machine can be bound
+        except OSError:
+            return False
+    return True
+
+
+def check_rendezvous(endpoint: str, timeout: float) -> None:
+    """Fail early and by name when the first node's rendezvous address cannot be reached:
+    a host that does not resolve at once, one that does not answer within `timeout` seconds
+    (it may start after this node: wait for it). The node that owns the address hosts it."""
+    host, port = endpoint.rsplit(":", 1)
+    try:
+        addrs = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as err:
+        raise StageError(f"compute.rdzv_endpoint = {endpoint}: the host {host!r} does not resolve ({err}); "
+                         "give the first node's address, the same on every node") from None
+    if any(_is_local(a[4][0]) for a in addrs):
+        return
+    log = logging.getLogger("runtime")
+    t0 = last = time.monotonic()
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=min(5.0, timeout)).close()
+            return
+        except OSError as err:
+            waited = time.monotonic() - t0
+            if waited >= timeout:
+                raise StageError(f"compute.rdzv_endpoint = {endpoint} does not answer after {waited:.0f} s ({err}): start the stage "
+                                 "on the first node (the one with that address), check the address and that the port is open, "
+                                 "or raise compute.rdzv_timeout") from None
+            if time.monotonic() - last >= 30:
+                last = time.monotonic()
+                log.info("waiting for the rendezvous at %s (%.0f s of %d)", endpoint, waited, timeout)
+            time.sleep(min(1.0, max(timeout - waited, 0.01)))
+
+
+def relaunch(module: ModuleType, compute: Any, params_file: str) -> int:
+    """The stage again under torchrun, on the processes its compute block asks for (DDP): rank 0
+    of the new processes tracks, writes and registers; the others train. SIGTERM or Ctrl-C
+    here stops torchrun, which stops its processes."""
+    import subprocess
+
+    stage = module.STAGE
+    if compute.nnodes > 1:
+        check_rendezvous(compute.rdzv_endpoint, compute.rdzv_timeout)
+    cmd = torchrun_command(compute, module.__spec__.name, ["--params", params_file])
+    logging.getLogger(stage).info("%d processes (%d per node x %d node(s)) under torchrun: %s", compute.world,
+                                  compute.nproc_per_node, compute.nnodes, " ".join(cmd[1:]))
+    proc = subprocess.Popen(cmd, preexec_fn=die_with_parent)  # noqa: PLW1509 - before any thread of ours starts
+    try:
+        rc = proc.wait()
+    except BaseException:
+        proc.terminate()  # torchrun passes it to its processes; rank 0 marks its MLflow run KILLED
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    if rc != 0:
+        print(f"error: {stage}: the torchrun processes failed (exit code {rc}); the first error is above", file=sys.stderr)
+    return rc
+
+
 def main(module: ModuleType, argv: Sequence[str] | None = None) -> int:
     stage: str = module.STAGE
     parser = argparse.ArgumentParser(prog=f"python -m tasks.{stage}", description=(module.__doc__ or "").split("\n")[0])
@@ -103,6 +185,9 @@ def main(module: ModuleType, argv: Sequence[str] | None = None) -> int:
             if not p.exists():
                 raise StageError(f"input '{name}' ({p}) does not exist: run the upstream stage first (dvc repro {stage})")
 
+        compute = getattr(getattr(params, stage, None), "compute", None)
+        if compute is not None and compute.world > 1 and "WORLD_SIZE" not in os.environ:
+            return relaunch(module, compute, args.params)
         if int(os.environ.get("RANK", "0")) > 0:  # DDP worker: rank 0 tracks and writes reports
             module.run(params, ins, outs)
             return 0

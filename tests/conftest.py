@@ -46,21 +46,22 @@ def tiny_raw_params() -> dict:
     # training stages: a one-layer model and a handful of steps
     raw["model"].update(n_layer=1, n_head=2, d_model=32, max_seq_len=192)
     small = {"batch_size": 4, "eval_every": 2, "eval_batches": 1, "ckpt_every": 2, "warmup_steps": 0}
+    halves = {**small, "batch_size": 2, "grad_accum": 2}  # accumulation exercised; two processes can split it
     raw["pretrain"].update(seq_len=64, sample_tokens=8)
     raw["pretrain"]["train"].update(steps=4, **small)
     raw["instructions"]["sources"] = [{"name": "python_qa", "kind": "builtin", "corpus": "python_qa", "limit": 300}]
-    raw["sft"]["train"].update(steps=4, **small)
+    raw["sft"]["train"].update(steps=4, **halves)
     # the gold labeler needs a model good enough to avoid ties; end to end uses the human file
     raw["preferences"].update(labeler="file", val_fraction=0.25, test_fraction=0.25, prompts=12, k=2)  # each split gets an example
     raw["paths"]["human_preferences"] = "examples/preferences.jsonl"
     raw["preferences"]["sampling"]["max_new_tokens"] = 8
-    raw["reward"]["train"].update(steps=4, **small)
+    raw["reward"]["train"].update(steps=4, **halves)
     raw["ppo"].update(steps=2, batch_prompts=4, ckpt_every=1, value_warmup=1)
     raw["ppo"]["sampling"]["max_new_tokens"] = 8
     raw["group_rl"].update(steps=2, batch_prompts=2, group_size=2, ckpt_every=1)
     raw["group_rl"]["sampling"]["max_new_tokens"] = 8
     raw["dpo"].update(kl_prompts=2, kl_max_new_tokens=4)
-    raw["dpo"]["train"].update(steps=4, **small)
+    raw["dpo"]["train"].update(steps=4, **halves)
     # about 18 held-out prompts: an interval up to +-0.5 wide is all they can promise
     raw["evaluate"].update(samples_per_prompt=2, best_of_n=2, sft_temperatures=[0.0], max_ci_half_width=0.5, bootstrap_resamples=200)
     raw["evaluate"]["sampling"]["max_new_tokens"] = 8

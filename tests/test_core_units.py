@@ -72,7 +72,7 @@ def test_a_diverging_loop_stops_before_the_optimizer_step(tmp_path):
 
     x = torch.randint(0, 40, (2, 9))
     with pytest.raises(train.DivergenceError, match="at step 1"):
-        train.train_loop("t", GPT(TINY), train_cfg(3), runtime(), lambda s, m, r: x,
+        train.train_loop("t", GPT(TINY), train_cfg(3), runtime(), lambda s, m: x,
                          lambda m, b: (m(b[:, :-1], b[:, 1:])[1] * float("inf"), {}), lambda b: b.numel(), tmp_path / "ck", "fp")
     assert not (tmp_path / "ck").exists()
 
@@ -86,7 +86,7 @@ def test_a_gradient_that_is_not_finite_stops_the_loop_even_when_the_loss_is(tmp_
 
     x = torch.randint(0, 40, (2, 9))
     with pytest.raises(train.DivergenceError, match="at step 1"):
-        train.train_loop("t", GPT(TINY), train_cfg(3), runtime(), lambda s, m, r: x, loss_fn, lambda b: b.numel(), tmp_path / "ck", "fp")
+        train.train_loop("t", GPT(TINY), train_cfg(3), runtime(), lambda s, m: x, loss_fn, lambda b: b.numel(), tmp_path / "ck", "fp")
 
 
 def test_instruction_splits_repeat_with_the_seed():
@@ -206,14 +206,14 @@ def test_train_loop_follows_the_schedule_and_records_each_step(tmp_path):
     cfg = train_cfg(1, lr=0.01, warmup_steps=4, weight_decay=0.0, grad_clip=1e9)
     model = GPT(TINY)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    model, hist = train.train_loop("t", model, cfg, runtime(), lambda s, m, r: x, lambda m, b: (m(b[:, :-1], b[:, 1:])[1], {}),
+    model, hist = train.train_loop("t", model, cfg, runtime(), lambda s, m: x, lambda m, b: (m(b[:, :-1], b[:, 1:])[1], {}),
                                    lambda b: b.numel(), tmp_path / "a", "fp")
     moved = max(float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters() if p.dim() == 1)
     assert moved == pytest.approx(train.lr_at(0, cfg), rel=1e-3) and train.lr_at(0, cfg) == pytest.approx(0.0025)
 
     seen = []
     cfg = train_cfg(7, lr=0.01, warmup_steps=2, eval_every=3)
-    model, hist = train.train_loop("t", GPT(TINY), cfg, runtime(), lambda s, m, r: x, lambda m, b: (m(b[:, :-1], b[:, 1:])[1], {}),
+    model, hist = train.train_loop("t", GPT(TINY), cfg, runtime(), lambda s, m: x, lambda m, b: (m(b[:, :-1], b[:, 1:])[1], {}),
                                    lambda b: b.numel(), tmp_path / "b", "fp", eval_fn=lambda m, step: seen.append(step) or {"acc": step / 10},
                                    on_step=lambda s: seen.append(("step", s)))
     assert [r["step"] for r in hist["curve"]] == [1, 2, 3, 4, 5, 6, 7]

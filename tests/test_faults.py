@@ -407,3 +407,39 @@ def test_a_killed_prefect_flow_stops_everything_it_started(trained, tmp_path):
     assert not running_runs(proj), "runs of the killed flow are marked KILLED at the next start"
     assert tree(proj / "models/sft") == tree(trained / "models/sft")
     assert not leftovers(proj), leftovers(proj)
+
+
+@pytest.mark.slow
+def test_sft_reward_and_dpo_on_two_processes_train_the_weights_of_one(trained, tmp_path):
+    """(Here for the trained project this module builds once; tests/test_distributed.py has
+    pretrain's.) Each stage after pretrain, relaunched on 2 gloo processes, splits its
+    grad_accum of 2 over them and trains the weights the one-process run trained, and tracks
+    one run (rank 0's)."""
+    import mlflow
+    from safetensors.torch import load_file
+
+    def runs(proj: Path) -> int:
+        client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{proj / 'mlflow.db'}")
+        return sum(len(client.search_runs([e.experiment_id])) for e in client.search_experiments())
+
+    stages = ("sft", "reward", "dpo")
+    proj = tmp_path / "proj"
+    shutil.copytree(trained, proj, symlinks=True)
+    raw = yaml.safe_load((proj / "params.yaml").read_text())
+    for stage in stages:
+        assert raw[stage]["train"]["grad_accum"] == 2
+        raw[stage]["compute"]["nproc_per_node"] = 2
+        shutil.rmtree(proj / "checkpoints" / stage)  # else the finished one-process run is reused
+    (proj / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    before = runs(proj)
+    written = {s: (proj / "models" / s / "model.safetensors").stat().st_mtime_ns for s in stages}
+    for stage in stages:
+        res = subprocess.run([sys.executable, "-m", f"tasks.{stage}"], cwd=proj, env=local_env(proj, OMP_NUM_THREADS="1"),
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "2 processes (2 per node x 1 node(s)) under torchrun" in res.stderr
+    assert runs(proj) - before == 3
+    assert all((proj / "models" / s / "model.safetensors").stat().st_mtime_ns != written[s] for s in stages), "rewritten"
+    for out in ("models/sft", "models/reward", "models/dpo"):
+        a, b = (load_file(str(p / out / "model.safetensors")) for p in (trained, proj))
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5, out

@@ -65,6 +65,18 @@ class Runtime:
         dist.all_reduce(t)
         return float(t.item()) / self.world
 
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def same_everywhere(self, value: int) -> bool:
+        """Whether every process holds this integer (True on one process)."""
+        if self.world == 1:
+            return True
+        t = torch.tensor([value, -value], device=self.device, dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t[0]) == value and int(t[1]) == -value
+
     def describe(self) -> dict[str, str]:
         return {"runtime.device": str(self.device), "runtime.dtype": self.dtype_name, "runtime.world_size": str(self.world)}
 

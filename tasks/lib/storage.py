@@ -122,12 +122,22 @@ def named_write_errors(dest: Path) -> Iterator[None]:
                          "free space or fix the folder's permissions, then rerun") from None
 
 
+def only_the_first_process(dest: Path) -> None:
+    """Under torchrun every process runs the stage, but only rank 0 writes: two processes
+    replacing the same output race. A write from another rank is a bug of the stage."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank > 0:
+        raise RuntimeError(f"the process of rank {rank} tried to write {dest}: under several processes only rank 0 writes "
+                           "(the stage must return after training on the others)")
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary directory; on success it replaces `dest` whole. A kill at any
     point leaves the previous `dest` (or none, if there was none), never a torn one; what it
     leaves beside it is cleaned by the next writer (`clean_stale`)."""
     dest = Path(dest)
+    only_the_first_process(dest)
     with named_write_errors(dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
         clean_stale(dest)
@@ -152,6 +162,7 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
 def atomic_file(dest: str | Path, mode: str = "w") -> Iterator[Any]:
     """Open a temporary sibling of `dest` for writing; rename it over `dest` on success."""
     dest = Path(dest)
+    only_the_first_process(dest)
     with named_write_errors(dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
         clean_stale(dest)

@@ -15,10 +15,15 @@ resumed run reports the same figures as an unbroken one, and a finished run foun
 (`dvc repro -f`) is reused as a whole: same weights, same report, nothing retrained.
 Volatile figures (tokens/s, MFU) go to MLflow only.
 
-Batches come from `batch_fn(step, micro, rank)`, which must depend only on its arguments:
-that is what makes a resumed run see the same data order as an unbroken one.
+Batches come from `batch_fn(step, micro)`, which must depend only on its arguments: that is
+what makes a resumed run see the same data order as an unbroken one. Under DDP (W processes
+under torchrun) the step's `grad_accum` micro-batches are split over the processes: process r
+draws micro-batches r*A/W ... (r+1)*A/W - 1, so the global batch, the data and (within
+floating-point rounding) the weights are those of one process, on any number of processes.
+A checkpoint holds whole weights and optimizer state, so a run resumes on another number.
 
-Run a stage under DDP with `torchrun --nproc_per_node N -m tasks.pretrain`.
+A stage runs under DDP when its `compute.nproc_per_node` / `nnodes` say so (tasks/stage.py
+relaunches it under torchrun).
 """
 
 from __future__ import annotations
@@ -105,14 +110,17 @@ def save_state(folder: Path, tensors: dict[str, nn.Module], optimizers: dict[str
         (tmp / "state.json").write_text(json.dumps(state, sort_keys=True, allow_nan=False))
 
 
-def load_state(folder: Path, tensors: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer], fingerprint_: str) -> dict | None:
+def load_state(folder: Path, tensors: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer], fingerprint_: str,
+               clean: bool = True) -> dict | None:
     """The saved state when `folder` holds a checkpoint of this very run, else None. A torn
-    or corrupt checkpoint is moved aside with a warning and the run starts afresh."""
+    or corrupt checkpoint is deleted with a warning and the run starts afresh (`clean=False`:
+    a reader that leaves that and the cleaning of a killed write to another process)."""
     from safetensors.torch import load_model
 
     from tasks.lib.storage import clean_stale
 
-    clean_stale(folder)  # a kill inside the last replacement left the previous checkpoint aside: put it back first
+    if clean:
+        clean_stale(folder)  # a kill inside the last replacement left the previous checkpoint aside: put it back first
     state_file = folder / "state.json"
     if not state_file.is_file():
         return None
@@ -130,7 +138,8 @@ def load_state(folder: Path, tensors: dict[str, nn.Module], optimizers: dict[str
     except Exception as err:  # noqa: BLE001 - any unreadable part means the checkpoint is unusable
         log.warning("checkpoint in %s is unreadable (%s: %s): deleted, starting from scratch",
                     folder, type(err).__name__, str(err)[:200])
-        shutil.rmtree(folder, ignore_errors=True)
+        if clean:
+            shutil.rmtree(folder, ignore_errors=True)
         return None
     log.info("checkpoint in %s is this run at step %d: %s", folder, state["step"], "reusing it" if state.get("finished") else "resuming")
     return state
@@ -214,14 +223,24 @@ def train_loop(
     `resumed_from`, and `best` when `best_by` names an eval metric to maximise (the returned
     weights are then those of the best evaluation)."""
     # 1. setup
+    if cfg.grad_accum % rt.world:
+        raise StageError(f"{name}: grad_accum {cfg.grad_accum} does not divide over {rt.world} processes "
+                         "(the global batch would change): make it a multiple of the number of processes")
+    local_accum = cfg.grad_accum // rt.world  # this process's share of the step's micro-batches
     torch.manual_seed(seed)
     model = rt.wrap(model)
     model.train()
     # 2. optimizer
     opt = make_optimizer(model, cfg, rt.device)
-    # 3. resume
-    state = load_state(resume_dir, {"model": model}, {"model": opt}, fingerprint_) or {}
+    # 3. resume: the first process reads (and cleans or sets aside) the checkpoint, then the others
+    state = (load_state(resume_dir, {"model": model}, {"model": opt}, fingerprint_) if rt.main else None) or {}
+    rt.barrier()
+    if not rt.main:
+        state = load_state(resume_dir, {"model": model}, {"model": opt}, fingerprint_, clean=False) or {}
     start = int(state.get("step", 0))
+    if not rt.same_everywhere(start):
+        raise StageError(f"{name}: the processes found different checkpoints in {resume_dir} (step {start} on rank {rt.rank}): "
+                         "every node must see the first node's checkpoints folder (a shared filesystem), or delete it to start afresh")
     curve: list[dict] = state.get("curve", [])
     evals: list[dict] = state.get("evals", [])
     best: dict | None = state.get("best")
@@ -263,15 +282,15 @@ def train_loop(
         for group in opt.param_groups:
             group["lr"] = lr
         loss_sum, ntok, extra = 0.0, 0, {}
-        for micro in range(cfg.grad_accum):
-            batch = batch_fn(step, micro, rt.rank)
-            sync = micro == cfg.grad_accum - 1 or rt.world == 1
+        for micro in range(local_accum):
+            batch = batch_fn(step, rt.rank * local_accum + micro)
+            sync = micro == local_accum - 1 or rt.world == 1  # DDP averages gradients over processes once, at the last
             ctx = contextlib.nullcontext() if sync else model.no_sync()
             with ctx:
                 with rt.autocast:  # forward in bf16 on CUDA; the backward pass follows outside autocast
                     loss, extra = loss_fn(model, batch)
-                (loss / cfg.grad_accum).backward()
-            loss_sum += float(loss.detach()) / cfg.grad_accum
+                (loss / local_accum).backward()
+            loss_sum += float(loss.detach()) / local_accum
             ntok += tokens_in(batch)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
