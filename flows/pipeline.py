@@ -10,7 +10,10 @@ retried (`orchestration.retries`), one that cannot (bad params or input: the sta
 with code 2) fails at once. Each stage's metrics become a Prefect table artifact and its
 report a markdown artifact. An MLflow parent run spans the flow; the stages' runs nest
 under it. With no `PREFECT_API_URL` set, Prefect runs on its embedded ephemeral API; see
-flows/serve.py for a scheduled deployment. When `PREFECT_API_URL` or an http
+flows/serve.py for a scheduled deployment. With `orchestration.gpu_work_pool` set, the stages
+that have a `compute` block (pretrain ... evaluate) run as flow runs of the `gpt-stage`
+deployment on that work pool (`stage_flow`: a worker on a GPU machine), the others in this
+flow run; the pipeline waits for each in turn. When `PREFECT_API_URL` or an http
 `MLFLOW_TRACKING_URI` is set, `main` first waits (bounded) for those servers and, if one
 does not answer, stops with one line naming its URL (exit code 2) instead of a traceback.
 """
@@ -182,6 +185,51 @@ def run_stage(stage: str, project: str, reports: str, parent_run_id: str | None)
     return {"stage": stage, "ran": ran, "metrics": metrics}
 
 
+STAGE_FLOW = "gpt-stage"  # the flow (and deployment prefix) that runs one stage on a work pool
+
+
+@flow(name=STAGE_FLOW, log_prints=True)
+def stage_flow(stage: str, project: str, reports: str, parent_run_id: str | None = None, params_file: str = "params.yaml"):
+    """One stage as a flow run of its own: what a worker of `orchestration.gpu_work_pool`
+    runs for the pipeline. The project folder is the pipeline's (a path both machines see)."""
+    from prefect.states import Completed
+
+    params = load_params(str(Path(project) / params_file))
+    runner = run_stage.with_options(name=stage, retries=params.orchestration.retries, retry_delay_seconds=params.orchestration.retry_delay_s)
+    result = runner(stage, project, reports, parent_run_id)
+    # the message is what the pipeline reads back through the API (a result would need storage both machines see)
+    return Completed(message="ran" if result["ran"] else "up to date", data=result)
+
+
+def gpu_stages(params) -> set[str]:
+    """The stages whose params section has a `compute` block: the ones a GPU pool runs."""
+    return {name for name in type(params).model_fields if getattr(getattr(params, name), "compute", None) is not None}
+
+
+def run_on_pool(stage: str, pool: str, project: str, params_file: str, reports: str, parent_run_id: str | None) -> dict:
+    """Run `stage` as a flow run of `gpt-stage/<pool>` (a worker of that pool executes it) and
+    wait for it; its metrics are read from the project folder it wrote them to."""
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    logger = get_run_logger()
+    name = f"{STAGE_FLOW}/{pool}"
+    logger.info("stage '%s' goes to work pool '%s' (deployment %s)", stage, pool, name)
+    try:
+        run = run_deployment(name, parameters={"stage": stage, "project": project, "reports": reports, "parent_run_id": parent_run_id,
+                                               "params_file": params_file}, timeout=None, flow_run_name=stage, tags=["gpt-pipeline", stage])
+    except ObjectNotFound:
+        raise StageFailed(f"stage '{stage}': no deployment {name} on the Prefect API: register it with "
+                          "`python -m flows.serve --register-only` (orchestration.gpu_work_pool is set)", retryable=False) from None
+    state = run.state
+    if state is None or not state.is_completed():
+        raise StageFailed(f"stage '{stage}' failed on work pool '{pool}' (flow run {run.name}, {run.id}): "
+                          f"{state.type.value if state else 'no state'} {state.message if state else ''}", retryable=False)
+    metrics_file = Path(project) / reports / f"{stage}.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    return {"stage": stage, "ran": state.message == "ran", "metrics": metrics, "work_pool": pool, "flow_run": str(run.id)}
+
+
 @flow(name="gpt-pipeline", log_prints=True)
 def pipeline(project: str = ".", params_file: str = "params.yaml", stages: list[str] | None = None) -> list[dict]:
     """Run the DVC stages in order through Prefect, under one MLflow parent run."""
@@ -195,6 +243,7 @@ def pipeline(project: str = ".", params_file: str = "params.yaml", stages: list[
         raise ValueError(f"unknown stage(s) {unknown}; dvc.yaml has {order}")
     selected = [s for s in order if stages is None or s in stages]
     orch = params.orchestration
+    on_gpu_pool = gpu_stages(params) if orch.gpu_work_pool else set()
 
     uri = tracking_uri() if os.environ.get("MLFLOW_TRACKING_URI") else f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(ensure_store(uri))
@@ -213,6 +262,9 @@ def pipeline(project: str = ".", params_file: str = "params.yaml", stages: list[
     with mlflow.start_run(run_name="pipeline", tags=tags) as parent:
         try:
             for stage in selected:
+                if stage in on_gpu_pool:  # retried there, by the stage's own flow run
+                    results.append(run_on_pool(stage, orch.gpu_work_pool, str(root), params_file, params.paths.reports, parent.info.run_id))
+                    continue
                 runner = run_stage.with_options(name=stage, retries=orch.retries, retry_delay_seconds=orch.retry_delay_s)
                 results.append(runner(stage, str(root), params.paths.reports, parent.info.run_id))
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM (see main): the stage was stopped with us

@@ -646,14 +646,32 @@ def _timezone(v: str) -> str:
     return v
 
 
+PoolName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", max_length=100)]
+
+
 class Orchestration(Section):
-    """The Prefect flow: retries per stage and the schedule of the served deployment."""
+    """The Prefect flow: retries per stage, the schedule of its deployment and the Prefect
+    work pools that run it (flows/serve.py)."""
 
     retries: NonNegInt
     retry_delay_s: NonNegInt
     deployment_name: Annotated[str, Field(min_length=1)]
     cron: Annotated[str, AfterValidator(_cron)]
     timezone: Annotated[str, AfterValidator(_timezone)]
+    # null: `python -m flows.serve` runs the scheduled pipeline itself; a name: the deployment
+    # goes on that work pool and a `prefect worker start --pool NAME` runs it
+    work_pool: PoolName | None
+    # null: the stages with a `compute` block run in the pipeline's own flow run; a name: each
+    # runs as a flow run of the `gpt-stage/NAME` deployment on that pool (a worker on a GPU
+    # machine that sees the same project folder)
+    gpu_work_pool: PoolName | None
+
+    @model_validator(mode="after")
+    def _two_pools(self) -> "Orchestration":
+        if self.gpu_work_pool is not None and self.gpu_work_pool == self.work_pool:
+            raise ValueError(f"gpu_work_pool = work_pool = {self.work_pool!r}: give the GPU stages a pool of their own, "
+                             "or set gpu_work_pool to null to run every stage in the pipeline's flow run")
+        return self
 
 
 class Params(Section):

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -189,6 +190,75 @@ def test_prefect_flow_matches_dvc_and_nests_mlflow_runs(ran_project, tmp_path):
     children = mlflow.search_runs(experiment_names=["gpt-pipeline"], filter_string=f"tags.mlflow.parentRunId = '{first_parent.info.run_id}'", output_format="list")
     assert sorted(c.data.tags["stage"] for c in children) == sorted(STAGES)
     assert first_parent.data.metrics["stages_run"] == len(STAGES)
+
+
+@pytest.mark.slow
+def test_training_stages_go_to_the_gpu_pool_and_data_stages_stay(ran_project, tmp_path):
+    """Two work pools, two real workers, a real Prefect server: the pipeline's deployment runs
+    on `cpu`, and pretrain (a stage with a compute block) as a subflow run on `gpu`."""
+    import shutil
+
+    from tests.test_work_pools import BIN, FLOW_RUNS, TRIGGER, free_port, healthy, start, stop
+
+    proj = tmp_path / "proj"
+    shutil.copytree(ran_project, proj, symlinks=True)  # outputs included: the data half is up to date
+    raw = yaml.safe_load((proj / "params.yaml").read_text())
+    raw["orchestration"].update(work_pool="cpu", gpu_work_pool="gpu", retries=0)
+    raw["pretrain"]["train"]["steps"] += 1  # pretrain has something to do
+    (proj / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
+    env.update(PYTHONPATH=str(proj), PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_API_URL=api, PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    procs: list[subprocess.Popen] = []
+    logs = {name: tmp_path / f"{name}.log" for name in ("server", "cpu", "gpu")}
+    try:
+        procs.append(start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], tmp_path, env, logs["server"]))
+        deadline = time.time() + 120
+        while not healthy(api):
+            assert time.time() < deadline and procs[0].poll() is None, logs["server"].read_text()[-3000:]
+            time.sleep(1)
+        # both deployments registered and both pools created; the pipeline is not served here
+        reg = subprocess.run([sys.executable, "-m", "flows.serve", "--project", str(proj)], cwd=proj, env=env,
+                             capture_output=True, text=True, timeout=180)
+        assert reg.returncode == 0, reg.stderr[-3000:]
+        name = raw["orchestration"]["deployment_name"]
+        assert f"deployment gpt-pipeline/{name} on work pool 'cpu'" in reg.stdout
+        assert "deployment gpt-stage/gpu on work pool 'gpu'" in reg.stdout
+        assert "prefect worker start --pool cpu; prefect worker start --pool gpu" in reg.stdout
+        for pool in ("cpu", "gpu"):
+            procs.append(start([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--name", f"{pool}-worker"], proj, env, logs[pool]))
+
+        res = subprocess.run([sys.executable, "-c", TRIGGER, f"gpt-pipeline/{name}", json.dumps(["tokenize", "pretrain"])],
+                             cwd=proj, env=env, capture_output=True, text=True, timeout=700)
+        assert res.returncode == 0, res.stderr[-3000:]
+        top = json.loads(res.stdout.strip().splitlines()[-1])
+        worker_logs = {p: logs[p].read_text() for p in ("cpu", "gpu")}
+        assert top["state"] == "COMPLETED", (top, worker_logs)
+        assert top["pool"] == "cpu"
+
+        listing = subprocess.run([sys.executable, "-c", FLOW_RUNS], cwd=proj, env=env, capture_output=True, text=True, timeout=120)
+        assert listing.returncode == 0, listing.stderr[-3000:]
+        runs = json.loads(listing.stdout.strip().splitlines()[-1])
+        stage_runs = [r for r in runs if r["pool"] == "gpu"]
+        assert [r["parameters"]["stage"] for r in stage_runs] == ["pretrain"], runs  # tokenize stayed in the pipeline's run
+        assert stage_runs[0]["state"] == "COMPLETED" and stage_runs[0]["message"] == "ran"
+        assert stage_runs[0]["parent"], "the stage's run is a subflow of the pipeline's"
+        assert (proj / "models/base/model.safetensors").is_file()
+        assert "Running stage 'pretrain'" not in worker_logs["cpu"]
+    finally:
+        stop(procs[::-1])
+
+    # MLflow: pretrain's new run nests under the new pipeline parent run, as without pools
+    client = client_for(proj)
+    exp = client.get_experiment_by_name(raw["mlflow"]["experiment"])
+    newest = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=50)
+    parent = next(r for r in newest if r.data.tags.get("pipeline") == "true")
+    pre = next(r for r in newest if r.data.tags.get("stage") == "pretrain")
+    assert pre.data.tags.get("mlflow.parentRunId") == parent.info.run_id and pre.info.start_time > parent.info.start_time
+    assert yaml.safe_load((proj / "dvc.lock").read_text())["stages"]["pretrain"]["outs"]
 
 
 def test_a_stage_with_bad_input_is_not_retried(tmp_path):
