@@ -1,5 +1,6 @@
-# The worker's image for infra/docker-compose.yml: Python 3.11, git, the CPU build of torch from
-# the PyTorch CPU index (PyPI's default torch is the multi-GB CUDA build), then the project's
+# The worker's image for infra/docker-compose.yml: Python 3.11, git, torch from the PyTorch index
+# TORCH_INDEX (default the CPU build; PyPI's default torch is the multi-GB CUDA build; for a GPU
+# worker: --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128), then the project's
 # dependencies from pyproject.toml (dvc-s3 included) in /opt/venv. The project itself is not
 # installed: the checkout is mounted at /project and run from there.
 #   docker compose build worker     (from infra/; build context: the repository root)
@@ -9,7 +10,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends git make \
     && git config --system --add safe.directory /project
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1
-RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+RUN pip install --no-cache-dir torch==2.13.0 --index-url ${TORCH_INDEX}
 COPY pyproject.toml README.md /src/
 COPY tasks /src/tasks
 COPY flows /src/flows

@@ -4,6 +4,8 @@ checked against the same stage on one process, and the settings that must fail e
 - `python -m tasks.pretrain` with `pretrain.compute.nproc_per_node: 2` trains the weights one
   process trains with the same global batch (within rounding), and writes, tracks and registers
   once (rank 0 alone: one MLflow run, one registered version);
+- two "nodes" (the same command started twice in one folder, one process each) meet at a c10d
+  rendezvous address and train the same weights;
 - a grad_accum that does not divide over the processes, several processes for a sampling stage,
   several nodes without a rendezvous address, an address that does not resolve or does not
   answer: one error naming the setting, exit code 2, nothing written.
@@ -83,12 +85,19 @@ def tracked(root: Path) -> tuple[int, int]:
     return len(runs), len(client.search_model_versions("name='base'"))
 
 
+@pytest.fixture(scope="module")
+def one(tmp_path_factory, tokenizer_file) -> Path:
+    """pretrain on one process: the reference of the distributed runs."""
+    root = pretrain_project(tmp_path_factory.mktemp("one"), tokenizer_file)
+    res = run_pretrain(root)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return root
+
+
 @pytest.mark.slow
-def test_pretrain_on_two_processes_trains_the_weights_of_one_and_writes_once(tmp_path, tokenizer_file):
-    one = pretrain_project(tmp_path / "one", tokenizer_file)
+def test_pretrain_on_two_processes_trains_the_weights_of_one_and_writes_once(one, tmp_path, tokenizer_file):
     two = pretrain_project(tmp_path / "two", tokenizer_file, nproc_per_node=2)
-    r1, r2 = run_pretrain(one), run_pretrain(two)
-    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = run_pretrain(two)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "2 processes (2 per node x 1 node(s)) under torchrun" in r2.stderr
     w1, w2 = weights(one / "models/base"), weights(two / "models/base")
@@ -100,6 +109,30 @@ def test_pretrain_on_two_processes_trains_the_weights_of_one_and_writes_once(tmp
     assert m2["val_loss"] == pytest.approx(m1["val_loss"], abs=1e-4)
     assert tracked(two) == tracked(one) == (1, 1)  # rank 1 neither tracks nor registers
     assert json.loads((two / "models/base/config.json").read_text())["stage"] == "pretrain"
+
+
+@pytest.mark.slow
+def test_two_nodes_meet_at_the_rendezvous_and_train_the_weights_of_one(one, tmp_path, tokenizer_file):
+    """Two "nodes" on this machine (the same command started twice in one folder: what a shared
+    filesystem gives real nodes), one process each, meeting at a c10d rendezvous address."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = pretrain_project(tmp_path / "nodes", tokenizer_file, nnodes=2, rdzv_endpoint=f"127.0.0.1:{port}", rdzv_timeout=120)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{root}/mlflow.db", OMP_NUM_THREADS="1")
+    nodes = [subprocess.Popen([sys.executable, "-m", "tasks.pretrain"], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [n.communicate(timeout=600) for n in nodes]
+    for n, (_, err) in zip(nodes, outs):
+        assert n.returncode == 0, err[-3000:]
+        assert "2 processes (1 per node x 2 node(s)) under torchrun" in err
+    w1, w2 = weights(one / "models/base"), weights(root / "models/base")
+    diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    assert diff < 1e-4, f"2 nodes drifted from 1 process by {diff}"
+    assert tracked(root) == (1, 1)  # the node that got rank 0 alone tracks and registers
 
 
 def main_of(root: Path, capsys, monkeypatch) -> tuple[int, str]:

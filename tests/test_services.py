@@ -101,8 +101,9 @@ def test_compose_file_has_the_local_scripts_services():
     worker_build = services["worker"]["build"]
     worker_df = (COMPOSE.parent / worker_build["context"] / worker_build["dockerfile"]).read_text()
     torch_pin = re.search(r"torch==([\d.]+)", (REPO / "Makefile").read_text()).group(1)
-    assert re.search(rf"pip install .*torch=={re.escape(torch_pin)} --index-url https://download.pytorch.org/whl/cpu", worker_df), \
-        "the worker's torch must be the CPU build, the version the Makefile pins"
+    assert re.search(rf"pip install .*torch=={re.escape(torch_pin)} --index-url \$\{{TORCH_INDEX\}}", worker_df), \
+        "the worker's torch must be the version the Makefile pins, from the TORCH_INDEX build argument"
+    assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in worker_df, "the CPU build by default"
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     assert any(d.startswith("dvc-s3") for d in deps) and any(d.startswith("psycopg2-binary") for d in deps)
 
