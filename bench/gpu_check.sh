@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one run, meant to finish within 8 minutes on one H100/H200 (a session that
 # is lent a GPU gets 15 minutes of it in all: run this once, read the figures, give it back).
+# The step limits add up to 8 minutes.
 #
 #   bash bench/gpu_check.sh             # in the project folder, after `make setup`
 #   GPU_CHECK_CPU=1 bash bench/gpu_check.sh   # the same steps at CPU sizes (a dry run without a GPU)
@@ -14,7 +15,10 @@
 #      (bench/train_throughput.py); also checks the flash SDPA kernel and KV-cache greedy decoding
 #   3. PPO iterations at GPT-2 small, fp32 against bf16: seconds per iteration and generated
 #      tokens/s (bench/ppo_throughput.py)
-#   4. the tests that need CUDA (tests/test_training.py: the loop with bf16 + compile, generation
+#   4. decoding at GPT-2 small: the growing-cache loop before against the static decode step,
+#      plain and compiled with CUDA graphs: tokens/s, ratios, same greedy tokens
+#      (bench/decode_throughput.py)
+#   5. the tests that need CUDA (tests/test_training.py: the loop with bf16 + compile, generation
 #      and checkpoints on the GPU)
 # Not here: DDP over several GPUs (the lent machine has one; NCCL refuses two ranks on one GPU):
 # tests/test_distributed.py checks the same code on gloo processes.
@@ -48,14 +52,15 @@ else
     fi
 fi
 
-step "1. machine" 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo 'no nvidia-smi'; \
+step "1. machine" 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo 'no nvidia-smi'; \
     '$PY' -c 'import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"devices\", torch.cuda.device_count())'"
-step "2. training throughput ($preset)" 210 "$PY" bench/train_throughput.py --preset "$preset" --steps "$train_steps"
-step "3. PPO throughput ($preset)" 150 "$PY" bench/ppo_throughput.py --preset "$preset" --iters "$ppo_iters" --new-tokens "$new_tokens"
+step "2. training throughput ($preset)" 180 "$PY" bench/train_throughput.py --preset "$preset" --steps "$train_steps"
+step "3. PPO throughput ($preset)" 90 "$PY" bench/ppo_throughput.py --preset "$preset" --iters "$ppo_iters" --new-tokens "$new_tokens"
+step "4. decoding ($preset)" 90 "$PY" bench/decode_throughput.py --preset "$preset" --batch 32 --new-tokens "$new_tokens" --repeats 3
 if [[ "${GPU_CHECK_CPU:-0}" == 1 ]]; then
-    echo; echo "=== 4. CUDA tests: skipped (CPU dry run)"
+    echo; echo "=== 5. CUDA tests: skipped (CPU dry run)"
 else
-    step "4. CUDA tests" 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_training.py -k cuda
+    step "5. CUDA tests" 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_training.py -k cuda
 fi
 echo
 echo "gpu_check: $failed step(s) failed, $(( $(date +%s) - t_all ))s in all"

@@ -67,7 +67,7 @@ def test_divergence_guard():
         train.check_finite(model, "bad")
 
 
-def test_a_diverging_loop_stops_before_the_optimizer_step(tmp_path):
+def test_a_diverging_loop_stops_and_writes_nothing(tmp_path):
     from tests.conftest import runtime
 
     x = torch.randint(0, 40, (2, 9))
@@ -87,6 +87,26 @@ def test_a_gradient_that_is_not_finite_stops_the_loop_even_when_the_loss_is(tmp_
     x = torch.randint(0, 40, (2, 9))
     with pytest.raises(train.DivergenceError, match="at step 1"):
         train.train_loop("t", GPT(TINY), train_cfg(3), runtime(), lambda s, m: x, loss_fn, lambda b: b.numel(), tmp_path / "ck", "fp")
+
+
+def test_a_step_is_read_back_after_the_next_is_queued_and_at_once_before_a_checkpoint(tmp_path, monkeypatch):
+    """The host never waits for the device inside the loop: step s's loss is read (and logged)
+    only after step s + 1's forward pass has been queued, except before a checkpoint or an
+    evaluation and at the end, where every pending step is read (and checked) first."""
+    from tests.conftest import runtime
+
+    events = []
+    monkeypatch.setattr(train.Reporter, "log", lambda self, step, metrics: events.append(("log", step + 1)))
+    x = torch.randint(0, 40, (2, 9))
+
+    def loss_fn(m, b):
+        events.append(("forward", len([e for e in events if e[0] == "forward"]) + 1))
+        return m(b[:, :-1], b[:, 1:])[1], {}
+
+    train.train_loop("t", GPT(TINY), train_cfg(5, ckpt_every=3, eval_every=100), runtime(), lambda s, m: x, loss_fn,
+                     lambda b: b.numel(), tmp_path / "ck", "fp")
+    assert events == [("forward", 1), ("forward", 2), ("log", 1), ("forward", 3), ("log", 2), ("log", 3),  # checkpoint at 3
+                      ("forward", 4), ("forward", 5), ("log", 4), ("log", 5)]
 
 
 def test_instruction_splits_repeat_with_the_seed():

@@ -60,6 +60,57 @@ def test_kv_cache_and_no_cache_greedy_decoding_match(positions):
     assert len({tuple(c) for c in cached}) > 1
 
 
+def test_decoding_steps_have_one_shape_so_compile_traces_the_step_once(monkeypatch):
+    """The static decode step: every step after the prompt has the same tensor shapes and no
+    Python number that changes, so torch.compile traces it once for the whole generation (a
+    cache that grows by a slice, or a position passed as an int, is traced again at each step),
+    and the compiled step chooses the tokens the plain loop and the no-cache loop choose."""
+    from torch._dynamo.testing import CompileCounter
+
+    import tasks.lib.model as M
+
+    torch.manual_seed(2)
+    model = GPT(TINY)
+    prompts = [[5, 6, 7, 8, 9], [3, 4], [10, 11, 12, 13, 14, 15, 16, 17, 18]]
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    monkeypatch.setitem(M._COMPILED, "cpu", torch.compile(M.decode_step, backend=counter, dynamic=False))
+    compiled = generate(model, prompts, 10, pad_id=0, temperature=0, compile=True)
+    assert counter.frame_count == 1  # 9 decoding steps, one trace
+    assert compiled == generate(model, prompts, 10, pad_id=0, temperature=0) == generate(model, prompts, 10, pad_id=0, temperature=0, use_cache=False)
+    assert all(len(c) == 10 for c in compiled)
+
+
+def test_decode_step_logits_are_the_full_forward_pass_logits():
+    """Each step's logits (one token per row, attending to the cache under the keys mask) are
+    the logits a full pass over the left-padded sequence gives at that position."""
+    from tasks.lib.model import KVCache, attention_mask, decode_step, padded_batch, positions_of
+
+    torch.manual_seed(4)
+    model = GPT(TINY).eval()
+    seqs = [[5, 6, 7, 8, 9, 10, 11, 12], [3, 4, 20, 21, 22], [13, 14, 15, 16, 17, 18, 19, 23]]
+    with torch.no_grad():
+        tokens, valid = padded_batch(seqs, 0, left=True)
+        full = model(tokens, positions=positions_of(valid), mask=attention_mask(valid, tokens.shape[1]))[0]
+        # the same rows fed as a prompt of 6 columns (left-padded), then 2 steps
+        P = 6
+        head = [s[: len(s) - 2] for s in seqs]
+        ptok, pvalid = padded_batch(head, 0, left=True)
+        cache = KVCache(TINY, 3, P + 2, "cpu", torch.float32)
+        model.hidden(ptok, positions=positions_of(pvalid), mask=attention_mask(pvalid, P), cache=cache)
+        keys = torch.zeros(3, P + 2, dtype=torch.bool)
+        keys[:, :P] = pvalid
+        cache.slot = torch.tensor([P])
+        pos = positions_of(pvalid)[:, -1:]
+        for step in range(2):
+            keys[:, P + step] = True
+            pos = pos + 1
+            tok = torch.tensor([[s[len(s) - 2 + step]] for s in seqs])
+            logits = decode_step(model, tok, pos, keys, cache)
+            cache.slot += 1
+            torch.testing.assert_close(logits, full[:, tokens.shape[1] - 2 + step], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_seeded_sampling_repeats_on_every_device(device):
     torch.manual_seed(3)

@@ -50,12 +50,13 @@ def rl_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cfg
             seed: int, device, algorithm: str = "ppo", group_size: int = 1, resume_dir: Path | None = None, fingerprint: str = "",
             ptx_fn: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
             on_iter: Callable[[int, dict, list[list[int]], list[int]], None] | None = None,
-            autocast: contextlib.AbstractContextManager = contextlib.nullcontext()) -> list[dict]:
+            autocast: contextlib.AbstractContextManager = contextlib.nullcontext(), compile_decode: bool = False) -> list[dict]:
     """`cfg`: the stage's section (steps, batch_prompts, sampling, ppo_epochs, minibatches, lr,
     clip, entropy_coef, grad_clip, kl, missing_eos_penalty, ptx_coef, ptx_batch, ckpt_every;
     for ppo also value_lr, value_clip, vf_coef, gamma, lam, whiten_advantages). `value`: the
     value model for ppo, None for rloo / grpo. `autocast`: the forward passes run under it
-    (bf16 on CUDA); losses, advantages and the backward pass stay in fp32."""
+    (bf16 on CUDA); losses, advantages and the backward pass stay in fp32. `compile_decode`: the
+    rollout's decoding step under torch.compile (the stage's compute.compile, on CUDA)."""
     from tasks.lib.model import generate
     from tasks.lib.train import DivergenceError, load_state, make_optimizer, save_state, seeded
 
@@ -97,7 +98,7 @@ def rl_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cfg
         # 1. rollout
         with autocast:
             responses = generate(policy, batch_prompts, sp.max_new_tokens, pad_id=pad_id, stop_ids=stop_ids,
-                                 temperature=sp.temperature, top_p=sp.top_p, generator=gen)
+                                 temperature=sp.temperature, top_p=sp.top_p, generator=gen, compile=compile_decode)
         responses = [r if r else [pad_id] for r in responses]
         x, mask = sequences(batch_prompts, responses, pad_id, device)
         m = mask.float()

@@ -58,9 +58,15 @@ class Runtime:
             model = nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         return model
 
-    def all_mean(self, value: float) -> float:
+    def all_mean(self, value):
+        """The mean over processes of a float, or of a tensor (averaged on the device, without
+        waiting for it: a float would be read back)."""
         if self.world == 1:
             return value
+        if isinstance(value, torch.Tensor):
+            t = value.detach().to(torch.float64).clone()
+            dist.all_reduce(t)
+            return (t / self.world).to(value.dtype)
         t = torch.tensor([value], device=self.device, dtype=torch.float64)
         dist.all_reduce(t)
         return float(t.item()) / self.world

@@ -6,7 +6,8 @@
   3. resume from the last checkpoint when it matches this run's fingerprint (params, code
      and the content of the inputs); an unreadable checkpoint is reported and set aside;
   4. steps: warmup + cosine learning rate, gradient accumulation, clipping, a divergence guard;
-     metrics every step to MLflow and a progress line with rate and ETA; validation every
+     metrics every step to MLflow (read back from the device one step late, so the host never
+     waits for the GPU inside a step) and a progress line with rate and ETA; validation every
      `eval_every` (keeping the best weights when `best_by` names a held-out metric); a
      checkpoint every `ckpt_every`.
 
@@ -275,13 +276,35 @@ def train_loop(
 
     if start == 0 and best_by is not None and eval_fn is not None:  # the starting point competes too
         evaluate(-1)
-    # 4. steps
+    # 4. steps. A step's loss and gradient norm stay on the device until the next step has been
+    # queued (`read_back(keep=1)`): reading them at once would make the host wait for the GPU
+    # to finish the step before it could queue the next, leaving the GPU idle in between. The
+    # figures are the same; a diverged step is caught one step later, and everything pending is
+    # read (and checked) before an evaluation, a checkpoint or the end, so nothing is written
+    # from a diverged run.
+    pending: list[dict] = []
+
+    def read_back(keep: int = 0) -> None:
+        while len(pending) > keep:
+            p = pending.pop(0)
+            loss, grad_norm = torch.stack([p.pop("loss").double(), p.pop("grad_norm").double()]).tolist()
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise DivergenceError(f"{name}: loss {loss} / gradient norm {grad_norm} at step {p['step']}: the run diverged "
+                                      f"(lower {name}.train.lr, now {cfg.lr}, or raise warmup); nothing was written or registered")
+            ntok = p.pop("ntok")
+            row = {"step": p["step"], "loss": loss, "lr": p["lr"], "grad_norm": grad_norm, **p["extra"]}
+            curve.append(row)
+            volatile = {"tokens_per_s": ntok * rt.world / max(p.pop("seconds"), 1e-9)}
+            if flops_per_token and rt.peak:
+                volatile["mfu"] = volatile["tokens_per_s"] * flops_per_token / (rt.peak * 1e12)
+            report.log(p["step"] - 1, {k: v for k, v in row.items() if k != "step"} | volatile)
+
+    queued = time.time()
     for step in range(start, cfg.steps):
-        t0 = time.time()
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss_sum, ntok, extra = 0.0, 0, {}
+        loss_sum, ntok, extra = torch.zeros((), device=rt.device, dtype=torch.float64), 0, {}
         for micro in range(local_accum):
             batch = batch_fn(step, rt.rank * local_accum + micro)
             sync = micro == local_accum - 1 or rt.world == 1  # DDP averages gradients over processes once, at the last
@@ -290,29 +313,30 @@ def train_loop(
                 with rt.autocast:  # forward in bf16 on CUDA; the backward pass follows outside autocast
                     loss, extra = loss_fn(model, batch)
                 (loss / local_accum).backward()
-            loss_sum += float(loss.detach()) / local_accum
+            loss_sum += loss.detach().double() / local_accum
             ntok += tokens_in(batch)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-            raise DivergenceError(f"{name}: loss {loss_sum} / gradient norm {grad_norm} at step {step + 1}: the run diverged "
-                                  f"(lower {name}.train.lr, now {cfg.lr}, or raise warmup); nothing was written or registered")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.time() - t0
-        row = {"step": step + 1, "loss": rt.all_mean(loss_sum), "lr": lr, "grad_norm": grad_norm, **extra}
-        curve.append(row)
-        volatile = {"tokens_per_s": ntok * rt.world / dt}
-        if flops_per_token and rt.peak:
-            volatile["mfu"] = volatile["tokens_per_s"] * flops_per_token / (rt.peak * 1e12)
-        report.log(step, {k: v for k, v in row.items() if k != "step"} | volatile)
-        if eval_fn is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+        # the step's time: from the end of the previous step's queueing to the end of this
+        # one's (an evaluation or checkpoint in between not counted): once the host waits for
+        # the GPU a step behind, that is the GPU's time for a step
+        now = time.time()
+        seconds, queued = now - queued, now
+        pending.append({"step": step + 1, "loss": rt.all_mean(loss_sum), "grad_norm": grad_norm.detach(), "lr": lr,
+                        "extra": extra, "ntok": ntok, "seconds": seconds})
+        last = step + 1 == cfg.steps
+        evaluating = eval_fn is not None and ((step + 1) % cfg.eval_every == 0 or last)
+        saving = (step + 1) % cfg.ckpt_every == 0 and not last
+        read_back(keep=0 if (evaluating or saving or last or on_step is not None) else 1)
+        if evaluating:
             evaluate(step)
-        if (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
+        if saving:
             checkpoint(step + 1)
         if on_step is not None:
             on_step(step + 1)
+        if evaluating or saving or on_step is not None:
+            queued = time.time()
     check_finite(model, name)
     if cfg.steps > start:
         checkpoint(cfg.steps, finished=True)
