@@ -246,7 +246,7 @@ def pipeline(project: str = ".", params_file: str = "params.yaml", stages: list[
     on_gpu_pool = gpu_stages(params) if orch.gpu_work_pool else set()
 
     uri = tracking_uri() if os.environ.get("MLFLOW_TRACKING_URI") else f"sqlite:///{root / 'mlflow.db'}"
-    mlflow.set_tracking_uri(ensure_store(uri))
+    mlflow.set_tracking_uri(ensure_store(uri, experiment=params.mlflow.experiment))
     mlflow.set_experiment(params.mlflow.experiment)
     reconcile_stale_runs(params.mlflow.experiment)
     cwd = Path.cwd()

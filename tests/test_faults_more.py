@@ -96,6 +96,8 @@ from pathlib import Path
 from tasks.lib import registry
 if sys.argv[4] == "nolock":  # as against a server: no machine-wide lock, only the check afterwards
     registry._registry_lock = contextlib.nullcontext
+from tasks.lib.tracking import ensure_store
+ensure_store(experiment="race")  # as a stage run does: the experiment made under the store's lock
 mlflow.set_experiment("race")
 while time.time() < float(sys.argv[3]):
     time.sleep(0.005)

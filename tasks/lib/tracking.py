@@ -8,7 +8,8 @@ Prefect flow runs the pipeline it opens a parent run and hands its id to the sta
 Tags on every stage run: the git commit (and whether tracked files other than `dvc.lock`
 differ from it), the DVC stage, and the `dvc.lock` hash of each input path, so a run can be
 traced to the exact data. Before the first run, `ensure_store` creates (migrates) a local
-SQLite store under a file lock, so stages started together on a fresh clone don't race,
+SQLite store (and the stage's experiment) under a file lock, so stages started together on
+a fresh clone don't race,
 and checks that a tracking server answers, failing fast with its URI when it does not.
 """
 
@@ -159,8 +160,11 @@ def wait_healthy(url: str, wait_s: float, what: str, warn) -> Exception | None:
         delay = min(delay * 2, 5.0)
 
 
-def ensure_store(uri: str | None = None, wait_s: float = 20.0) -> str:
-    """Make the tracking store usable before a run starts (see the module docstring)."""
+def ensure_store(uri: str | None = None, wait_s: float = 20.0, experiment: str | None = None) -> str:
+    """Make the tracking store usable before a run starts (see the module docstring); with
+    `experiment`, a local store also gets that experiment under the same lock (two processes
+    creating one experiment at the same moment on SQLite can leave one of them with an id
+    that does not exist: seen when two registrations started together)."""
     uri = uri or tracking_uri()
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
@@ -170,7 +174,10 @@ def ensure_store(uri: str | None = None, wait_s: float = 20.0) -> str:
             import mlflow
 
             try:
-                mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+                client = mlflow.MlflowClient(tracking_uri=uri)
+                client.search_experiments(max_results=1)
+                if experiment is not None and client.get_experiment_by_name(experiment) is None:
+                    client.create_experiment(experiment)
             except Exception as err:  # noqa: BLE001 - sqlalchemy/MLflow raise many kinds; the user needs the file and the cause
                 text = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
                 hint = ("another process holds it locked: wait for it or stop it" if "locked" in text
@@ -221,7 +228,7 @@ def stage_run(stage: str, experiment: str, params: Mapping[str, Any], inputs: Ma
     """Open the MLflow run of one stage (nested under the pipeline's run when there is one)."""
     import mlflow  # heavy (~3 s): imported on first use
 
-    mlflow.set_tracking_uri(ensure_store())
+    mlflow.set_tracking_uri(ensure_store(experiment=experiment))
     mlflow.set_experiment(experiment)
     reconcile_stale_runs(experiment)
     parent = os.environ.get(PARENT_ENV) or None
