@@ -39,6 +39,7 @@ crawl pages precision/recall against their ground truth.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import multiprocessing
@@ -74,6 +75,7 @@ PUNCT_END = tuple(".!?:;\"')]”’。！？；：」』）")  # and the full-wi
 SYMBOLS = re.compile(r"#|\.\.\.|…")
 BULLETS = ("•", "●", "▪", "‣", "◦", "-", "*", "·")
 NAV_SEPARATORS = {"|", "·", "»", "›", "•", "/"}
+NO_LETTER_ASCII = re.compile(r"(?<!\S)[^\sA-Za-z]+(?!\S)")  # a whitespace-separated word without a letter, in ASCII text
 
 
 # ------------------------------------------------------------------------ 1. lines
@@ -106,6 +108,28 @@ def clean_lines(text: str, cfg: Any, pattern: re.Pattern | None) -> tuple[str, C
 
 
 # ------------------------------------------------------------------------ 2. documents
+@functools.cache
+def _no_letter_word() -> re.Pattern:
+    """A whitespace-separated word without a letter in any script: a character class of every
+    code point Python's str.isalpha() accepts, built once per process (a quarter second)."""
+    ranges, start = [], None
+    for cp in range(sys.maxunicode + 2):
+        letter = cp <= sys.maxunicode and chr(cp).isalpha()
+        if letter and start is None:
+            start = cp
+        elif not letter and start is not None:
+            ranges.append(re.escape(chr(start)) + ("-" + re.escape(chr(cp - 1)) if cp - 1 > start else ""))
+            start = None
+    return re.compile(r"(?<!\S)[^\s" + "".join(ranges) + r"]+(?!\S)")
+
+
+def letter_words(text: str, n_words: int) -> int:
+    """How many of the text's `n_words` whitespace-separated words hold a letter: the count of
+    sum(any(c.isalpha() for c in w) for w in text.split()), found by one regular-expression scan
+    for the words without one (that generator was a third of the rules' time)."""
+    return n_words - len((NO_LETTER_ASCII if text.isascii() else _no_letter_word()).findall(text))
+
+
 def rule_filter(text: str, cfg: Any, pattern: re.Pattern | None = None, lang: str | None = None,
                 skipped: Counter | None = None) -> tuple[bool, str | None]:
     """Keep (True, None) or drop (False, reason) by the Gopher/C4-style heuristics, for the
@@ -128,7 +152,7 @@ def rule_filter(text: str, cfg: Any, pattern: re.Pattern | None = None, lang: st
             return False, "mean_word_length"
     if len(SYMBOLS.findall(text)) / n > cfg.max_symbol_word_ratio:
         return False, "symbol_ratio"
-    if not per_word and sum(any(c.isalpha() for c in w) for w in words) / n < cfg.min_alpha_word_fraction:
+    if not per_word and letter_words(text, n) / n < cfg.min_alpha_word_fraction:
         return False, "non_alpha_words"
     lower = [w.lower().strip(".,;:!?\"'()[]") for w in words]
     stops = stop_words(lang)
@@ -313,7 +337,9 @@ def filter_shard(task: ShardTask) -> dict[str, Any]:
             if lang not in q.language.languages or prob < q.language.min_probability:
                 keep, reason = False, "language"
         if keep and task.role in q.rules.roles:
-            keep, reason = rule_filter(text, q.rules, pattern, lang, skipped)
+            # line cleaning removed every line holding a boilerplate phrase: the document rule
+            # for them has nothing left to count, so it is not run (a fifth of the rules' time)
+            keep, reason = rule_filter(text, q.rules, None if task.role in q.lines.roles else pattern, lang, skipped)
         if scores is not None:
             s = float(scores[i])
             meta["quality_score"] = round(s, 6)

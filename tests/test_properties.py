@@ -226,3 +226,41 @@ def test_the_kept_document_has_the_best_role_whatever_the_order_and_labels(clust
     perm = np.array(data.draw(st.permutations(range(6))))
     renamed = choose_keep(perm[labels], roles, nwords, exact, lambda req: {})
     assert sorted(renamed.values()) == sorted(keep.values())
+
+
+# ----------------------------------------------------------------------------- quality rules
+# words drawn from letters of several scripts, digits (decimal and not), marks, punctuation,
+# symbols, and every kind of whitespace str.split() splits on
+WORD_CHARS = st.sampled_from(list("aZé日本ßǅ٣²½Ⅻ_-.,!?#…—'\"()") + ["\u0301", "\u200b"])
+SPACES = st.sampled_from([" ", "\n", "\t", "\xa0", "\u3000", "\u2028", "\x1c", "\x0c", "  "])
+
+
+@settings(max_examples=200, deadline=None)
+@given(parts=st.lists(st.tuples(st.text(WORD_CHARS, min_size=1, max_size=6), SPACES), max_size=25))
+def test_letter_words_counts_the_words_holding_a_letter(parts):
+    """The regular-expression count equals the definition, word by word, in any script."""
+    from tasks.quality import letter_words
+
+    text = "".join(w + s for w, s in parts)
+    words = text.split()
+    assert letter_words(text, len(words)) == sum(any(c.isalpha() for c in w) for w in words)
+
+
+@settings(max_examples=100, deadline=None)
+@given(lines=st.lists(st.sampled_from([
+    "Subscribe to our newsletter today.", "Click here for more", "Home | About | Blog", "privacy   policy and terms",
+    "The function returns the parsed value, or raises an error when it cannot.", "", "   ",
+    "A subscriber clicked here: the phrase is inside a longer sentence with enough words.",
+    "Read the privacy\u2028policy before you sign up for the newsletter today please.",
+]), max_size=30))
+def test_after_line_cleaning_no_line_is_left_for_the_boilerplate_rule(lines):
+    """What lets the stage skip the boilerplate rule on cleaned text: the rules decide the same
+    with and without the phrase pattern once line cleaning has run with it."""
+    from tasks import quality
+    from tests.conftest import cfg
+
+    rules, line_cfg = cfg("quality.rules", min_words=1), cfg("quality.lines")
+    pattern = quality.phrase_pattern(rules.boilerplate_phrases)
+    cleaned = quality.clean_lines("\n".join(lines), line_cfg, pattern)[0]
+    if cleaned.split():
+        assert quality.rule_filter(cleaned, rules, pattern) == quality.rule_filter(cleaned, rules, None)
