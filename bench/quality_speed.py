@@ -10,7 +10,8 @@ the first `quality.language.max_chars` characters of each line-cleaned page; the
 with the identified language, as the stage runs them (the boilerplate rule skipped on
 line-cleaned text) and with the boilerplate rule run (before); the count of words with a
 letter is timed both ways. The baseline pass (langid.py, every rule) is measured in the same
-run; the ratio is printed. The classifier (fastText, already fast) is left out: it is the same in both.
+run; the ratio is printed. The classifier (fastText) is timed on the same pages when the
+stage's model is there (`--model`, after a pipeline run); it is the same in both passes.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--docs", type=int, default=3000)
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--model", default="models/quality/model.bin", help="the quality stage's classifier (after a run); timed when present")
     args = ap.parse_args()
     params = parse_params(yaml.safe_load(Path(args.params).read_text()))
     q = params.quality
@@ -56,6 +58,12 @@ def main() -> None:
     # as the stage: the boilerplate rule is not run on line-cleaned text (it has nothing left to count)
     _, t_rules = timed(lambda: [quality.rule_filter(c, q.rules, None, lang) for c, (lang, _) in zip(cleaned, by_fasttext)])
     _, t_rules_all = timed(lambda: [quality.rule_filter(c, q.rules, pattern, lang) for c, (lang, _) in zip(cleaned, by_fasttext)])
+    t_classifier = None
+    if Path(args.model).is_file():
+        import fasttext
+
+        clf = fasttext.load_model(args.model)
+        _, t_classifier = timed(lambda: quality.hq_scores(clf, [quality.ft_text(c, q.classifier.max_chars) for c in cleaned]))
     words = [c.split() for c in cleaned]
     gen_counts, t_gen = timed(lambda: [sum(any(ch.isalpha() for ch in w) for w in ws) for ws in words])
     re_counts, t_re = timed(lambda: [quality.letter_words(c, len(ws)) for c, ws in zip(cleaned, words)])
@@ -64,12 +72,18 @@ def main() -> None:
     print(f"{len(texts)} documents, {mb:.2f} MB, one core")
     for name, t in (("line cleaning", t_lines), ("language ID: langid.py (baseline)", t_langid),
                     ("language ID: fastText lid.176", t_fasttext), ("rules, boilerplate rule run (before)", t_rules_all),
-                    ("rules, as the stage runs them", t_rules)):
+                    ("rules, as the stage runs them", t_rules), ("classifier (fastText)", t_classifier)):
+        if t is None:
+            print(f"  {name:36s} not timed: no model at {args.model} (run the pipeline first)")
+            continue
         print(f"  {name:36s} {t:7.2f} s  {mb / t:7.2f} MB/s")
     print(f"  words with a letter: generator {t_gen:.2f} s, letter_words {t_re:.2f} s (x{t_gen / t_re:.1f}), same counts")
     before, after = t_lines + t_langid + t_rules_all, t_lines + t_fasttext + t_rules
     print(f"  per-document pass, langid.py   {before:7.2f} s  {mb / before:7.2f} MB/s")
     print(f"  per-document pass, fastText    {after:7.2f} s  {mb / after:7.2f} MB/s  (x{before / after:.2f})")
+    if t_classifier is not None:  # the same classifier in both passes
+        b, a = before + t_classifier, after + t_classifier
+        print(f"  with the classifier: {mb / b:.2f} -> {mb / a:.2f} MB/s (x{b / a:.2f})")
     print(f"  language ID alone: fastText x{t_langid / t_fasttext:.1f} faster than langid.py")
     agree = sum(a[0] == b[0] for a, b in zip(by_langid, by_fasttext)) / len(texts)
     print(f"  the two identifiers agree on {agree:.1%} of pages; fastText: {dict(Counter(l for l, _ in by_fasttext).most_common(4))}")
