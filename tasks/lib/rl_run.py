@@ -98,7 +98,7 @@ def run_rl(stage: str, cfg: Any, *, seed: int, instructions_cfg: Any, judge_cfg:
                      code_hash(f"tasks.{stage}"), content_hash([inputs["sft"], inputs["reward"]] + ([inputs["tokens"]] if cfg.ptx_coef > 0 else [])))
     hist = rl_loop(policy, ref, value, score_fn, prompts, cfg, pad_id=t.pad, stop_ids=t.stop_ids, seed=seed, device=rt.device,
                    algorithm=algorithm, group_size=group_size, resume_dir=checkpoints, fingerprint=fp, ptx_fn=ptx_fn, on_iter=on_iter,
-                   autocast=rt.autocast, compile_decode=rt.compile and rt.device.type == "cuda")
+                   autocast=rt.autocast, compile_decode=rt.compiled)
     report.replay([r for r in hist if r["iteration"] - 1 not in logged], key="iteration")  # iterations before a resume
     check_finite(policy, stage)
     # 4. write

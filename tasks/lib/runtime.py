@@ -50,9 +50,15 @@ class Runtime:
     def main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def compiled(self) -> bool:
+        """torch.compile is used for the model and the decode step: only on CUDA (on CPU it costs
+        tens of seconds of compilation and gave no speedup here)."""
+        return self.compile and self.device.type == "cuda"
+
     def wrap(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)
-        if self.compile and self.device.type == "cuda":
+        if self.compiled:
             model = torch.compile(model)
         if self.world > 1:
             model = nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
