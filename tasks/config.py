@@ -71,6 +71,9 @@ class Compute(Section):
     nnodes: PosInt
     rdzv_endpoint: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+:[0-9]{1,5}$")] | None  # host:port of the first node (nnodes > 1)
     rdzv_timeout: PosInt  # seconds to wait for every node to join
+    # ddp: every process holds the whole model; fsdp: weights, gradients and optimizer state
+    # sharded over the processes (FSDP2), for models whose training state outgrows one GPU
+    strategy: Literal["ddp", "fsdp"]
 
     @property
     def world(self) -> int:

@@ -86,10 +86,10 @@ def train_cfg(steps: int, **overrides):
     return cfg("pretrain.train", **{**base, **overrides})
 
 
-def runtime(device: str = "cpu", dtype: str = "auto", compile: bool = False):
+def runtime(device: str = "cpu", dtype: str = "auto", compile: bool = False, strategy: str = "ddp"):
     from tasks.lib.runtime import Runtime
 
-    return Runtime(cfg("pretrain.compute", device=device, dtype=dtype, compile=compile))
+    return Runtime(cfg("pretrain.compute", device=device, dtype=dtype, compile=compile, strategy=strategy))
 
 
 @pytest.fixture

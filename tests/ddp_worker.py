@@ -1,7 +1,8 @@
 """Run by tests/test_training.py, alone or under torchrun: a tiny model trained by the shared loop.
 
 Environment: OUT (folder: checkpoints in OUT/ckpt, weights and figures per rank), STOP_AT (optional:
-the run is killed after that step, as a crash would, after the checkpoint of that step).
+the run is killed after that step, as a crash would, after the checkpoint of that step), STRATEGY
+(ddp or fsdp; under fsdp only the first process gets the whole model back and writes it).
 """
 
 import json
@@ -33,12 +34,18 @@ def stop(step):
 torch.manual_seed(0)
 model = GPT(ModelConfig(vocab_size=40, n_layer=2, n_head=2, d_model=32, max_seq_len=32))
 cfg = train_cfg(12, grad_accum=4, ckpt_every=6, warmup_steps=2)
-rt = runtime("cpu")
+rt = runtime("cpu", strategy=os.environ.get("STRATEGY") or "ddp")
 out = Path(os.environ["OUT"])
+held = {}  # what one process holds of the wrapped model's weights (FSDP: its shards)
+wrap = rt.wrap
+rt.wrap = lambda m: held.setdefault("model", wrap(m))
 model, hist = train_loop("ddp", model, cfg, rt, batch_fn, lambda m, b: (m(*b)[1], {}), lambda b: b[0].numel(), out / "ckpt", "fp",
                          on_step=stop)
-save_model(model, str(out / f"rank{rt.rank}.safetensors"))
+if rt.main or not rt.sharded:
+    save_model(model, str(out / f"rank{rt.rank}.safetensors"))
 (out / f"rank{rt.rank}.json").write_text(json.dumps({
     "world_size": rt.world, "first_loss": hist["first_loss"], "last_loss": hist["final"]["loss"], "resumed_from": hist["resumed_from"],
     "losses": [r["loss"] for r in hist["curve"]],
+    "held": sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in held["model"].parameters()),
+    "whole": sum(p.numel() for p in model.parameters()),
 }))

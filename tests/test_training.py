@@ -375,11 +375,11 @@ def test_checkpoints_round_trip_through_safetensors(tmp_path):
         load_checkpoint(tmp_path / "nothing")
 
 
-def _ddp(out: Path, nproc: int, stop_at: int | None = None) -> subprocess.CompletedProcess:
+def _ddp(out: Path, nproc: int, stop_at: int | None = None, strategy: str = "ddp") -> subprocess.CompletedProcess:
     """tests/ddp_worker.py on `nproc` gloo processes under torchrun (1: plain python)."""
     script = Path(__file__).with_name("ddp_worker.py")
     root = str(Path(__file__).resolve().parents[1])  # the workers import tasks/ without an installed package too
-    env = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1", "STOP_AT": str(stop_at or ""),
+    env = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1", "STOP_AT": str(stop_at or ""), "STRATEGY": strategy,
            "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     env.pop("WORLD_SIZE", None)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
@@ -394,14 +394,22 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_train_the_weights_of_one_with_the_same_global_batch(tmp_path):
-    """grad_accum 4 over 2 processes is 2 micro-batches each, DDP-averaged: the same data and,
-    within rounding, the same weights as one process; the replicas stay identical."""
-    one, two = _ddp(tmp_path / "one", 1), _ddp(tmp_path / "two", 2)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gloo_processes_train_the_weights_of_one_with_the_same_global_batch(tmp_path, strategy):
+    """grad_accum 4 over 2 processes is 2 micro-batches each, gradients averaged (DDP) or
+    reduce-scattered into shards (FSDP): the same data and, within rounding, the same weights as
+    one process; DDP's replicas stay identical, FSDP gathers whole weights to the first process."""
+    one, two = _ddp(tmp_path / "one", 1), _ddp(tmp_path / "two", 2, strategy=strategy)
     assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
     w1 = _weights(tmp_path / "one/rank0.safetensors")
-    w2 = [_weights(tmp_path / f"two/rank{r}.safetensors") for r in (0, 1)]
-    assert all(torch.equal(w2[0][k], w2[1][k]) for k in w1), "replicas must stay identical"
+    w2 = [_weights(tmp_path / f"two/rank{r}.safetensors") for r in ((0, 1) if strategy == "ddp" else (0,))]
+    assert all(torch.equal(w2[0][k], w2[-1][k]) for k in w1), "replicas must stay identical"
+    assert set(w2[0]) == set(w1), "the whole model, every weight named as one process names it"
+    figures = json.loads((tmp_path / "two/rank0.json").read_text())
+    if strategy == "fsdp":  # each process held about half of the weights while it trained
+        assert figures["held"] <= 0.6 * figures["whole"], figures
+    else:
+        assert figures["held"] == figures["whole"], figures
     diff = max(float((w1[k] - w2[0][k]).abs().max()) for k in w1)
     assert diff < 1e-5, f"2 processes drifted from 1 by {diff}"
     r1, r2 = (json.loads((tmp_path / f"{d}/rank0.json").read_text()) for d in ("one", "two"))
@@ -413,16 +421,18 @@ def test_two_gloo_processes_train_the_weights_of_one_with_the_same_global_batch(
 
 
 @pytest.mark.slow
-def test_a_run_killed_on_two_processes_resumes_on_one_to_the_same_weights(tmp_path):
-    killed = _ddp(tmp_path / "run", 2, stop_at=7)  # checkpoint at step 6, killed after step 7
+@pytest.mark.parametrize(("killed_on", "resumed_on"), [((2, "ddp"), (1, "ddp")), ((2, "fsdp"), (1, "ddp")), ((1, "ddp"), (2, "fsdp"))],
+                         ids=["ddp2-to-1", "fsdp2-to-1", "1-to-fsdp2"])
+def test_a_run_killed_resumes_on_another_number_of_processes_to_the_same_weights(tmp_path, killed_on, resumed_on):
+    killed = _ddp(tmp_path / "run", killed_on[0], stop_at=7, strategy=killed_on[1])  # checkpoint at step 6, killed after step 7
     assert killed.returncode != 0 and not (tmp_path / "run/rank0.safetensors").exists()
-    resumed = _ddp(tmp_path / "run", 1)
+    resumed = _ddp(tmp_path / "run", resumed_on[0], strategy=resumed_on[1])
     straight = _ddp(tmp_path / "straight", 1)
     assert resumed.returncode == 0 and straight.returncode == 0, (resumed.stderr + straight.stderr)[-3000:]
     assert json.loads((tmp_path / "run/rank0.json").read_text())["resumed_from"] == 6
     a, b = _weights(tmp_path / "run/rank0.safetensors"), _weights(tmp_path / "straight/rank0.safetensors")
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert diff < 1e-5, f"resumed on 1 process after 2: {diff} from an unbroken run"
+    assert diff < 1e-5, f"killed on {killed_on}, resumed on {resumed_on}: {diff} from an unbroken run"
 
 
 def test_rerun_after_a_finished_run_reports_without_retraining(tmp_path):

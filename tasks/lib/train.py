@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 
 from tasks.lib.errors import StageError
-from tasks.lib.runtime import Runtime, unwrap
+from tasks.lib.runtime import Runtime, local, unwrap
 from tasks.lib.storage import atomic_dir
 
 log = logging.getLogger("train")
@@ -79,7 +79,7 @@ def lr_at(step: int, cfg: Any) -> float:
 
 
 def check_finite(model: nn.Module, what: str) -> None:
-    bad = [n for n, p in unwrap(model).named_parameters() if not torch.isfinite(p).all()]
+    bad = [n for n, p in unwrap(model).named_parameters() if not torch.isfinite(local(p)).all()]  # (FSDP: gathered)
     if bad:
         raise DivergenceError(f"{what}: non-finite weights in {bad[:3]}{'…' if len(bad) > 3 else ''}: the run diverged "
                               "(lower the learning rate or raise warmup); nothing was written")
@@ -234,10 +234,19 @@ def train_loop(
     # 2. optimizer
     opt = make_optimizer(model, cfg, rt.device)
     # 3. resume: the first process reads (and cleans or sets aside) the checkpoint, then the others
-    state = (load_state(resume_dir, {"model": model}, {"model": opt}, fingerprint_) if rt.main else None) or {}
-    rt.barrier()
-    if not rt.main:
-        state = load_state(resume_dir, {"model": model}, {"model": opt}, fingerprint_, clean=False) or {}
+    if rt.sharded:  # the first process reads whole weights into a plain copy and spreads them over the shards
+        holder = rt.plain(model, device="cpu")
+        holder_opt = make_optimizer(holder, cfg, torch.device("cpu")) if rt.main else None
+        state = (load_state(resume_dir, {"model": holder}, {"model": holder_opt}, fingerprint_) if rt.main else None) or {}
+        state = rt.broadcast(state)
+        if state:
+            rt.load_sharded(model, opt, holder.state_dict() if rt.main else None, holder_opt.state_dict() if rt.main else None)
+        del holder, holder_opt
+    else:
+        state = (load_state(resume_dir, {"model": model}, {"model": opt}, fingerprint_) if rt.main else None) or {}
+        rt.barrier()
+        if not rt.main:
+            state = load_state(resume_dir, {"model": model}, {"model": opt}, fingerprint_, clean=False) or {}
     start = int(state.get("step", 0))
     if not rt.same_everywhere(start):
         raise StageError(f"{name}: the processes found different checkpoints in {resume_dir} (step {start} on rank {rt.rank}): "
@@ -266,11 +275,18 @@ def train_loop(
             log.info("%s eval at step %d: %s", name, step + 1, ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
         if best_by is not None and (best is None or ev[best_by] > best["value"]):  # strictly better: ties keep the earlier
             best = {"step": step + 1, "value": ev[best_by]}
-            best_weights = {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
+            best_weights = rt.full_state(model)  # (under FSDP: gathered to the first process, None on the others)
 
     def checkpoint(step: int, finished: bool = False) -> None:
+        target, target_opt = model, opt
+        if rt.sharded:  # whole weights and optimizer state, gathered to the first process
+            weights, opt_state = rt.full_state(model), rt.full_optimizer_state(model, opt)
+            if rt.main:
+                target = rt.plain(model, weights, device="cpu")
+                target_opt = make_optimizer(target, cfg, torch.device("cpu"))
+                target_opt.load_state_dict(opt_state)
         if rt.main:  # the best weights so far travel with the state
-            save_state(resume_dir, {"model": model}, {"model": opt},
+            save_state(resume_dir, {"model": target}, {"model": target_opt},
                        {"step": step, "fingerprint": fingerprint_, "curve": curve, "evals": evals, "best": best, "finished": finished},
                        extra={"best": best_weights} if best_weights is not None else None)
 
@@ -308,8 +324,7 @@ def train_loop(
         for micro in range(local_accum):
             batch = batch_fn(step, rt.rank * local_accum + micro)
             sync = micro == local_accum - 1 or rt.world == 1  # DDP averages gradients over processes once, at the last
-            ctx = contextlib.nullcontext() if sync else model.no_sync()
-            with ctx:
+            with contextlib.nullcontext() if sync else rt.no_sync(model):
                 with rt.autocast:  # forward in bf16 on CUDA; the backward pass follows outside autocast
                     loss, extra = loss_fn(model, batch)
                 (loss / local_accum).backward()
@@ -323,7 +338,7 @@ def train_loop(
         # the GPU a step behind, that is the GPU's time for a step
         now = time.time()
         seconds, queued = now - queued, now
-        pending.append({"step": step + 1, "loss": rt.all_mean(loss_sum), "grad_norm": grad_norm.detach(), "lr": lr,
+        pending.append({"step": step + 1, "loss": rt.all_mean(loss_sum), "grad_norm": local(grad_norm).detach(), "lr": lr,
                         "extra": extra, "ntok": ntok, "seconds": seconds})
         last = step + 1 == cfg.steps
         evaluating = eval_fn is not None and ((step + 1) % cfg.eval_every == 0 or last)
@@ -340,10 +355,16 @@ def train_loop(
     check_finite(model, name)
     if cfg.steps > start:
         checkpoint(cfg.steps, finished=True)
-    if best_weights is not None:
-        unwrap(model).load_state_dict(best_weights)
     history = {"curve": curve, "evals": evals, "first_loss": curve[0]["loss"] if curve else None,
                "final": curve[-1] if curve else {}, "resumed_from": start, "best": best, "steps": cfg.steps}
+    if rt.sharded:  # the first process gets the whole model back as an ordinary module; the others their shards
+        if best is not None:  # (the same on every process) the best weights are already whole on the first
+            result = rt.plain(model, best_weights) if rt.main else None
+        else:
+            result = rt.plain(model)
+        return (result if rt.main else unwrap(model)), history
+    if best_weights is not None:
+        unwrap(model).load_state_dict(best_weights)
     return unwrap(model), history
 
 
