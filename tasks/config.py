@@ -767,11 +767,17 @@ def consistency_problems(p: Params) -> list[str]:
             out.append(f"{name}.train.grad_accum = {sec.train.grad_accum} does not divide over {name}.compute's {sec.compute.world} processes "
                        f"(nproc_per_node {sec.compute.nproc_per_node} x nnodes {sec.compute.nnodes}): make it a multiple of {sec.compute.world}, "
                        "so the global batch stays the same")
-    for name in ("preferences", "ppo", "group_rl", "evaluate"):
+    for name in ("ppo", "group_rl"):  # each process samples its share of an iteration's prompts
+        sec = getattr(p, name)
+        if sec.batch_prompts % sec.compute.world:
+            out.append(f"{name}.batch_prompts = {sec.batch_prompts} does not divide over {name}.compute's {sec.compute.world} processes "
+                       f"(nproc_per_node {sec.compute.nproc_per_node} x nnodes {sec.compute.nnodes}): make it a multiple of {sec.compute.world}, "
+                       "so every process samples as many prompts and the batch stays the same")
+    for name in ("preferences", "evaluate"):
         c = getattr(p, name).compute
         if c.world > 1:
             out.append(f"{name}.compute runs on one process (nproc_per_node and nnodes must be 1, not {c.nproc_per_node} and {c.nnodes}): "
-                       "sampling stages do not split over processes yet")
+                       "these sampling stages do not split over processes yet")
     lengths = {"preferences": p.preferences.sampling.max_new_tokens, "ppo": p.ppo.sampling.max_new_tokens,
                "group_rl": p.group_rl.sampling.max_new_tokens, "evaluate": p.evaluate.sampling.max_new_tokens}
     if len(set(lengths.values())) > 1:

@@ -133,7 +133,7 @@ def check_rendezvous(endpoint: str, timeout: float) -> None:
 
 
 def relaunch(module: ModuleType, compute: Any, params_file: str) -> int:
-    """The stage again under torchrun, on the processes its compute block asks for (DDP): rank 0
+    """The stage again under torchrun, on the processes its compute block asks for (DDP or FSDP): rank 0
     of the new processes tracks, writes and registers; the others train. SIGTERM or Ctrl-C
     here stops torchrun, which stops its processes."""
     import subprocess
@@ -142,8 +142,8 @@ def relaunch(module: ModuleType, compute: Any, params_file: str) -> int:
     if compute.nnodes > 1:
         check_rendezvous(compute.rdzv_endpoint, compute.rdzv_timeout)
     cmd = torchrun_command(compute, module.__spec__.name, ["--params", params_file])
-    logging.getLogger(stage).info("%d processes (%d per node x %d node(s)) under torchrun: %s", compute.world,
-                                  compute.nproc_per_node, compute.nnodes, " ".join(cmd[1:]))
+    logging.getLogger(stage).info("%d processes (%d per node x %d node(s)) under torchrun, %s: %s", compute.world,
+                                  compute.nproc_per_node, compute.nnodes, compute.strategy.upper(), " ".join(cmd[1:]))
     proc = subprocess.Popen(cmd, preexec_fn=die_with_parent)  # noqa: PLW1509 - before any thread of ours starts
     try:
         rc = proc.wait()

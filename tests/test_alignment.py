@@ -218,3 +218,52 @@ def test_bad_alignment_settings_are_named(key, value, message):
     with pytest.raises(ConfigError) as err:
         parse_params(raw)
     assert message in str(err.value)
+
+
+def _rl_on(out, nproc: int, algorithm: str, steps: int):
+    """tests/rl_worker.py on `nproc` gloo processes under torchrun."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OUT": str(out), "ALGORITHM": algorithm, "STEPS": str(steps), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    out.mkdir(parents=True, exist_ok=True)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                          str(Path(__file__).with_name("rl_worker.py"))], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("algorithm", "steps"), [("ppo", 4), ("rloo", 24)])
+def test_rl_on_two_processes_splits_the_prompts_and_keeps_the_replicas_identical(tmp_path, algorithm, steps):
+    """Each process samples its half of an iteration's prompts (a group stays whole); the
+    figures are the whole batch's; the gradients are averaged, so the weights stay identical."""
+    from safetensors.torch import load_file
+
+    from tasks.lib.train import seeded
+
+    ranks = _rl_on(tmp_path, 2, algorithm, steps)
+    assert ranks[0]["history"] == ranks[1]["history"], "every process reports the same figures"
+    for name in ("policy", "value") if algorithm == "ppo" else ("policy",):
+        a, b = (load_file(str(tmp_path / f"{name}{r}.safetensors")) for r in (0, 1))
+        assert all(torch.equal(a[k], b[k]) for k in a), f"the {name} replicas drifted apart"
+    k = 1 if algorithm == "ppo" else 4
+    for it, row in enumerate(ranks[0]["history"]):
+        picked = torch.randperm(32, generator=seeded(0, it))[:4].tolist()  # the iteration's prompts, drawn as the loop draws them
+        halves = [ranks[r]["seen"][it]["idx"] for r in (0, 1)]
+        assert halves[0] == [i for i in picked[:2] for _ in range(k)] and halves[1] == [i for i in picked[2:] for _ in range(k)]
+        both = ranks[0]["seen"][it]["scores"] + ranks[1]["seen"][it]["scores"]
+        assert row["reward_mean"] == pytest.approx(float(np.mean(both)), abs=1e-6)  # the whole batch's mean
+        assert row["reward_std"] == pytest.approx(float(np.std(both, ddof=1)), abs=1e-5)
+    w = [ranks[r]["whiten"] for r in (0, 1)]  # whitening over processes = whitening of the concatenated batch
+    v, m = (torch.cat([torch.tensor(w[r][key]) for r in (0, 1)]) for key in ("v", "m"))
+    assert torch.allclose(torch.cat([torch.tensor(w[r]["out"]) for r in (0, 1)]), rl.whiten(v, m), atol=1e-5)
+    if algorithm == "rloo":  # and it learns: the planted reward rises
+        hist = ranks[0]["history"]
+        assert np.mean([h["reward_mean"] for h in hist[-5:]]) > np.mean([h["reward_mean"] for h in hist[:5]]) + 0.2
+    else:
+        assert all(math.isfinite(h["explained_variance"]) for h in ranks[0]["history"])

@@ -95,11 +95,12 @@ def one(tmp_path_factory, tokenizer_file) -> Path:
 
 
 @pytest.mark.slow
-def test_pretrain_on_two_processes_trains_the_weights_of_one_and_writes_once(one, tmp_path, tokenizer_file):
-    two = pretrain_project(tmp_path / "two", tokenizer_file, nproc_per_node=2)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_pretrain_on_two_processes_trains_the_weights_of_one_and_writes_once(one, tmp_path, tokenizer_file, strategy):
+    two = pretrain_project(tmp_path / "two", tokenizer_file, nproc_per_node=2, strategy=strategy)
     r2 = run_pretrain(two)
     assert r2.returncode == 0, r2.stderr[-3000:]
-    assert "2 processes (2 per node x 1 node(s)) under torchrun" in r2.stderr
+    assert f"2 processes (2 per node x 1 node(s)) under torchrun, {strategy.upper()}" in r2.stderr
     w1, w2 = weights(one / "models/base"), weights(two / "models/base")
     assert w1.keys() == w2.keys()
     diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
@@ -161,13 +162,17 @@ def test_a_distributed_setting_that_cannot_work_is_one_error(tmp_path, tokenizer
     assert "Traceback" not in err and not (root / "models/base").exists() and not (root / "reports/pretrain.json").exists()
 
 
-def test_a_sampling_stage_on_several_processes_is_refused_by_name(tmp_path, tokenizer_file, capsys, monkeypatch):
+@pytest.mark.parametrize(("stage", "nproc", "named"), [
+    ("evaluate", 4, "evaluate.compute runs on one process (nproc_per_node and nnodes must be 1, not 4 and 1)"),
+    ("ppo", 3, "ppo.batch_prompts = 4 does not divide over ppo.compute's 3 processes"),
+])
+def test_a_sampling_stage_that_cannot_split_is_refused_by_name(tmp_path, tokenizer_file, capsys, monkeypatch, stage, nproc, named):
     root = pretrain_project(tmp_path, tokenizer_file)
     raw = yaml.safe_load((root / "params.yaml").read_text())
-    raw["ppo"]["compute"]["nproc_per_node"] = 4
+    raw[stage]["compute"]["nproc_per_node"] = nproc
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     code, err = main_of(root, capsys, monkeypatch)
-    assert code == 2 and "ppo.compute runs on one process (nproc_per_node and nnodes must be 1, not 4 and 1)" in err, err
+    assert code == 2 and named in err, err
 
 
 def test_torchrun_lines_for_one_node_and_several():

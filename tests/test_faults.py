@@ -443,3 +443,31 @@ def test_sft_reward_and_dpo_on_two_processes_train_the_weights_of_one(trained, t
     for out in ("models/sft", "models/reward", "models/dpo"):
         a, b = (load_file(str(p / out / "model.safetensors")) for p in (trained, proj))
         assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5, out
+
+
+@pytest.mark.slow
+def test_ppo_and_group_rl_on_two_processes_sample_half_each_and_write_once(trained, tmp_path):
+    """The RL stages relaunched on 2 gloo processes (each samples half of an iteration's prompts:
+    tests/test_alignment.py) run to the end; the first process alone writes, tracks and registers."""
+    import mlflow
+
+    proj = tmp_path / "proj"
+    shutil.copytree(trained, proj, symlinks=True)
+    raw = yaml.safe_load((proj / "params.yaml").read_text())
+    for stage in ("ppo", "group_rl"):
+        raw[stage]["compute"]["nproc_per_node"] = 2
+        shutil.rmtree(proj / "checkpoints" / stage)  # else the finished one-process run is reused
+    (proj / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{proj / 'mlflow.db'}")
+    versions = len(client.search_model_versions("name='rlhf'"))
+    for stage in ("ppo", "group_rl"):
+        res = subprocess.run([sys.executable, "-m", f"tasks.{stage}"], cwd=proj, env=local_env(proj, OMP_NUM_THREADS="1"),
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "2 processes (2 per node x 1 node(s)) under torchrun" in res.stderr
+        rows = json.loads((proj / "reports" / stage / "iterations.json").read_text())
+        assert len(rows) == raw[stage]["steps"] + raw[stage].get("value_warmup", 0)
+        assert all(r["gold_score"] == r["gold_score"] for r in rows), "the gold score of every process's responses"
+        report = json.loads((proj / "reports" / f"{stage}.json").read_text())
+        assert report["method"] == raw[stage].get("algorithm", "ppo")
+    assert len(client.search_model_versions("name='rlhf'")) - versions == 2, "one registration per stage (rank 0's)"

@@ -20,6 +20,13 @@ Each iteration reads top to bottom:
 
 Returns one row of metrics per iteration, the iterations before a resume included (they
 travel in the checkpoint, with the weights, optimizer states and beta).
+
+On W processes (`rt` under torchrun) every process picks the same prompts and takes its own
+1/W of them (a prompt's group of K stays on one process), samples, scores and computes its
+advantages; the whitening statistics, the metrics and the KL the controller sees are those of
+the whole batch (reduced over processes); each minibatch's gradients are averaged over the
+processes before the optimizers step, so the replicas stay identical. The first process
+alone writes checkpoints. With W = 1 nothing of this changes a figure.
 """
 
 from __future__ import annotations
@@ -50,13 +57,15 @@ def rl_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cfg
             seed: int, device, algorithm: str = "ppo", group_size: int = 1, resume_dir: Path | None = None, fingerprint: str = "",
             ptx_fn: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
             on_iter: Callable[[int, dict, list[list[int]], list[int]], None] | None = None,
-            autocast: contextlib.AbstractContextManager = contextlib.nullcontext(), compile_decode: bool = False) -> list[dict]:
+            autocast: contextlib.AbstractContextManager = contextlib.nullcontext(), compile_decode: bool = False, rt=None) -> list[dict]:
     """`cfg`: the stage's section (steps, batch_prompts, sampling, ppo_epochs, minibatches, lr,
     clip, entropy_coef, grad_clip, kl, missing_eos_penalty, ptx_coef, ptx_batch, ckpt_every;
     for ppo also value_lr, value_clip, vf_coef, gamma, lam, whiten_advantages). `value`: the
     value model for ppo, None for rloo / grpo. `autocast`: the forward passes run under it
     (bf16 on CUDA); losses, advantages and the backward pass stay in fp32. `compile_decode`: the
-    rollout's decoding step under torch.compile (the stage's compute.compile, on CUDA)."""
+    rollout's decoding step under torch.compile (the stage's compute.compile, on CUDA). `rt`: the
+    Runtime, for several processes (None: one). `on_iter(it, row, responses, idx)` runs on every
+    process with the whole batch's responses and prompt indices."""
     from tasks.lib.model import generate
     from tasks.lib.train import DivergenceError, load_state, make_optimizer, save_state, seeded
 
@@ -68,6 +77,9 @@ def rl_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cfg
     K = 1 if critic else group_size
     if not critic and K < 2:
         raise ValueError(f"{algorithm} needs a group of K >= 2 samples per prompt (group_size = {K})")
+    W, rank = (rt.world, rt.rank) if rt is not None else (1, 0)
+    if cfg.batch_prompts % W:
+        raise ValueError(f"batch_prompts {cfg.batch_prompts} does not split over {W} processes")
     ref.eval()
     for p in ref.parameters():
         p.requires_grad_(False)
@@ -79,7 +91,14 @@ def rl_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cfg
         opt_v = make_optimizer(value, _opt_cfg(cfg.value_lr), device)
         modules["value"], optimizers["value"] = value, opt_v
     kl_ctl = KLController(cfg.kl.beta, cfg.kl.adaptive, cfg.kl.target, cfg.kl.horizon)
-    state = (load_state(resume_dir, modules, optimizers, fingerprint) if resume_dir else None) or {}
+    # the first process reads (and cleans or sets aside) the checkpoint, then the others
+    state = (load_state(resume_dir, modules, optimizers, fingerprint) if resume_dir and rank == 0 else None) or {}
+    if W > 1:
+        rt.barrier()
+        if rank > 0 and resume_dir:
+            state = load_state(resume_dir, modules, optimizers, fingerprint, clean=False) or {}
+        if not rt.same_everywhere(int(state.get("step", 0))):
+            raise ValueError(f"the processes found different checkpoints in {resume_dir}: every node must see the first node's")
     start = int(state.get("step", 0))
     kl_ctl.beta = state.get("beta", kl_ctl.beta)
     history: list[dict] = state.get("history", [])
@@ -92,13 +111,16 @@ def rl_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cfg
         warming = it < warmup
         gen = seeded(seed, it)
         picked = torch.randperm(len(prompts), generator=gen)[: cfg.batch_prompts].tolist()
+        share = len(picked) // W
+        picked = picked[rank * share : (rank + 1) * share]  # this process's prompts
         idx = [i for i in picked for _ in range(K)]  # a group's K samples are neighbours
         batch_prompts = [prompts[i] for i in idx]
 
-        # 1. rollout
+        # 1. rollout (each process draws its own samples; one process draws them from `gen`, as before)
         with autocast:
             responses = generate(policy, batch_prompts, sp.max_new_tokens, pad_id=pad_id, stop_ids=stop_ids,
-                                 temperature=sp.temperature, top_p=sp.top_p, generator=gen, compile=compile_decode)
+                                 temperature=sp.temperature, top_p=sp.top_p, generator=gen if W == 1 else seeded(seed, it, rank, W),
+                                 compile=compile_decode)
         responses = [r if r else [pad_id] for r in responses]
         x, mask = sequences(batch_prompts, responses, pad_id, device)
         m = mask.float()
@@ -119,7 +141,7 @@ def rl_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cfg
                 adv = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
                 returns = adv + old_values
                 if cfg.whiten_advantages:
-                    adv = whiten(adv, m)
+                    adv = whiten(adv, m) if W == 1 else _whiten_all(adv, m, rt)
             else:
                 adv = group_advantages(rewards.sum(1), K, algorithm)[:, None] * m
 
@@ -142,7 +164,7 @@ def rl_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cfg
                 if warming:  # the value loss alone; the policy's optimizer does not step
                     total = torch.zeros((), device=device)
                 elif ptx_fn is not None and cfg.ptx_coef > 0:  # PPO-ptx: keep the pretraining distribution
-                    px, py = ptx_fn(it * 1000 + epoch * 100 + s)
+                    px, py = ptx_fn((it * 1000 + epoch * 100 + s) * W + rank)  # each process its own batch
                     with autocast:
                         ptx = policy(px.to(device), py.to(device))[1].float()
                     total = total + cfg.ptx_coef * ptx
@@ -157,6 +179,8 @@ def rl_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cfg
                 for o in optimizers.values():
                     o.zero_grad(set_to_none=True)
                 total.backward()
+                if W > 1:  # the replicas step with the gradients of the whole minibatch
+                    _average_gradients([modules[n] for n in stepping], rt)
                 for name in stepping:
                     torch.nn.utils.clip_grad_norm_(modules[name].parameters(), cfg.grad_clip)
                     optimizers[name].step()
@@ -168,24 +192,68 @@ def rl_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cfg
                     if critic:
                         stats["value_loss"].append(float(v_loss))
 
-        # 6. control, metrics, checkpoint
-        mean_kl = float((kl.sum(1)).mean())
+        # 6. control, metrics, checkpoint (figures of the whole batch, over every process)
+        seq_kl = kl.sum(1)
+        if W > 1:
+            responses, idx = _gather_lists(responses, rt), _gather_lists(idx, rt)
+            scores, seq_kl = rt.all_gather(scores), rt.all_gather(seq_kl)
+            stats = {k: [float(rt.all_mean(float(np.mean(v))))] if v else v for k, v in stats.items()}
+        mean_kl = float(seq_kl.mean())
+        n = len(responses)
         if not warming:  # the policy did not move: nothing for beta to react to
-            kl_ctl.update(mean_kl, B)
+            kl_ctl.update(mean_kl, n)
         row = {
             "iteration": it + 1, "phase": "value_warmup" if warming else "policy",
-            "reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if B > 1 else 0.0,
+            "reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if n > 1 else 0.0,
             "kl": mean_kl, "beta": kl_ctl.beta,
             "response_length": float(np.mean([len(r) for r in responses])),
             "finished_fraction": float(np.mean([bool(r) and r[-1] in stop_ids for r in responses])),
             **{k: float(np.mean(v)) for k, v in stats.items() if v},
         }
         if critic:
-            row["explained_variance"] = explained_variance(old_values, returns, m)
+            if W == 1:
+                row["explained_variance"] = explained_variance(old_values, returns, m)
+            else:  # over every process's valid positions
+                keep = m.bool()
+                vals, rets = rt.all_gather(old_values[keep]), rt.all_gather(returns[keep])
+                row["explained_variance"] = explained_variance(vals, rets, torch.ones_like(vals))
         if on_iter is not None:  # may add metrics of its own to row
             on_iter(it, row, responses, idx)
         history.append(row)
-        if resume_dir is not None and ((it + 1) % cfg.ckpt_every == 0 or it + 1 == total_iters):
+        if resume_dir is not None and rank == 0 and ((it + 1) % cfg.ckpt_every == 0 or it + 1 == total_iters):
             save_state(resume_dir, modules, optimizers, {"step": it + 1, "beta": kl_ctl.beta, "fingerprint": fingerprint,
                                                          "history": history, "finished": it + 1 == total_iters})
     return history
+
+
+def _whiten_all(v: torch.Tensor, m: torch.Tensor, rt) -> torch.Tensor:
+    """`whiten` with the mean and variance of every process's valid positions."""
+    count, total = rt.all_sum(m.sum()), rt.all_sum((v * m).sum())
+    mean = total / count
+    var = rt.all_sum((((v - mean) ** 2) * m).sum()) / count
+    return (v - mean) * torch.rsqrt(var + 1e-8) * m  # pragma: no mutate (as whiten)
+
+
+def _average_gradients(modules: list, rt) -> None:
+    """Every parameter's gradient averaged over the processes, in one flat all-reduce (a
+    parameter without a gradient counts as zero, so every process sends the same layout)."""
+    params = [p for mod in modules for p in mod.parameters() if p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    flat = rt.all_sum(flat) / rt.world
+    offset = 0
+    for p in params:
+        g = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+        if p.grad is None:
+            p.grad = g.clone()
+        else:
+            p.grad.copy_(g)
+
+
+def _gather_lists(items: list, rt) -> list:
+    """Every process's list, concatenated in process order."""
+    import torch.distributed as dist
+
+    out: list = [None] * rt.world
+    dist.all_gather_object(out, items)
+    return [x for part in out for x in part]

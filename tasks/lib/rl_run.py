@@ -82,12 +82,13 @@ def run_rl(stage: str, cfg: Any, *, seed: int, instructions_cfg: Any, judge_cfg:
 
     # 3. the loop
     total_iters = getattr(cfg, "value_warmup", 0) + cfg.steps  # ppo's value warm-up comes first
-    report = Reporter(stage, total_iters, True, every_s=5.0)
+    report = Reporter(stage, total_iters, rt.main, every_s=5.0)
     samples: list[str] = []
     logged: set[int] = set()
 
     def on_iter(it: int, row: dict, responses: list[list[int]], idx: list[int]) -> None:
-        row["gold_score"] = float(np.mean(gold)) if gold else float("nan")
+        # (every process scored as many responses: the mean of their means is the batch's)
+        row["gold_score"] = float(rt.all_mean(float(np.mean(gold)))) if gold else float("nan")
         row["sqrt_kl"] = float(np.sqrt(max(row["kl"], 0.0)))  # Gao et al.: gold and RM score against sqrt(KL)
         report.log(it, {k: v for k, v in row.items() if k != "iteration"})
         logged.add(it)
@@ -98,7 +99,9 @@ def run_rl(stage: str, cfg: Any, *, seed: int, instructions_cfg: Any, judge_cfg:
                      code_hash(f"tasks.{stage}"), content_hash([inputs["sft"], inputs["reward"]] + ([inputs["tokens"]] if cfg.ptx_coef > 0 else [])))
     hist = rl_loop(policy, ref, value, score_fn, prompts, cfg, pad_id=t.pad, stop_ids=t.stop_ids, seed=seed, device=rt.device,
                    algorithm=algorithm, group_size=group_size, resume_dir=checkpoints, fingerprint=fp, ptx_fn=ptx_fn, on_iter=on_iter,
-                   autocast=rt.autocast, compile_decode=rt.compiled)
+                   autocast=rt.autocast, compile_decode=rt.compiled, rt=rt)
+    if not rt.main:  # the other processes of a run on several sampled and trained only
+        return {}
     report.replay([r for r in hist if r["iteration"] - 1 not in logged], key="iteration")  # iterations before a resume
     check_finite(policy, stage)
     # 4. write

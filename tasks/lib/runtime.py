@@ -183,6 +183,28 @@ class Runtime:
         dist.all_reduce(t)
         return float(t.item()) / self.world
 
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor summed over the processes (a new tensor; itself on one process)."""
+        if self.world == 1:
+            return t
+        t = t.detach().clone()
+        dist.all_reduce(t)
+        return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every process's 1-D tensor, concatenated in process order (lengths may differ)."""
+        if self.world == 1:
+            return t
+        n = torch.tensor([t.numel()], device=t.device)
+        sizes = [torch.zeros_like(n) for _ in range(self.world)]
+        dist.all_gather(sizes, n)
+        longest = int(max(sizes))
+        padded = torch.zeros(longest, dtype=t.dtype, device=t.device)
+        padded[: t.numel()] = t.detach().reshape(-1)
+        parts = [torch.zeros_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[: int(k)] for p, k in zip(parts, sizes)])
+
     def broadcast(self, obj: Any) -> Any:
         """The first process's value of a small picklable object, on every process."""
         if self.world == 1:
@@ -204,7 +226,8 @@ class Runtime:
         return int(t[0]) == value and int(t[1]) == -value
 
     def describe(self) -> dict[str, str]:
-        return {"runtime.device": str(self.device), "runtime.dtype": self.dtype_name, "runtime.world_size": str(self.world)}
+        return {"runtime.device": str(self.device), "runtime.dtype": self.dtype_name, "runtime.world_size": str(self.world),
+                "runtime.strategy": self.strategy if self.world > 1 else "one process"}
 
 
 def meta_copy(model: nn.Module) -> nn.Module:
