@@ -2,7 +2,7 @@
 
 Environment: OUT (folder: per rank, the final weights and a JSON of the history and of what the
 score function saw), ALGORITHM (ppo or rloo), STEPS. Planted reward: the share of token 7 in a
-response.
+response; token 5 ends a response (so responses differ in length and padding).
 """
 
 import json
@@ -34,15 +34,21 @@ def score_fn(prompts, responses, idx):
     return torch.tensor(scores, dtype=torch.float)
 
 
+def ptx_fn(key):  # PPO-ptx's "pretraining" batches: random tokens, seeded by the loop's key
+    t = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(key))
+    return t[:, :-1], t[:, 1:]
+
+
 common = dict(steps=int(os.environ["STEPS"]), batch_prompts=4, sampling={"max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0},
               ppo_epochs=2, minibatches=2, lr=3e-3, missing_eos_penalty=0.0, ptx_coef=0.0,
               kl={"beta": 0.01, "adaptive": True, "target": 2.0, "horizon": 1000})
 if algorithm == "ppo":
-    cfg = conf("ppo", value_warmup=1, **common)
+    cfg = conf("ppo", value_warmup=1, **{**common, "ptx_coef": 0.5})
 else:
     cfg = conf("group_rl", algorithm=algorithm, group_size=4, **common)
-hist = rl_loop(policy, ref, value, score_fn, [[1, 2, 3 + i % 30] for i in range(32)], cfg, pad_id=0, stop_ids=(), seed=0,
-               device=torch.device("cpu"), algorithm=algorithm, group_size=1 if algorithm == "ppo" else 4, rt=rt)
+hist = rl_loop(policy, ref, value, score_fn, [[1, 2, 3 + i % 30] for i in range(32)], cfg, pad_id=0, stop_ids=(5,), seed=0,
+               device=torch.device("cpu"), algorithm=algorithm, group_size=1 if algorithm == "ppo" else 4, rt=rt,
+               ptx_fn=ptx_fn)
 save_model(policy, str(out / f"policy{rt.rank}.safetensors"))
 if value is not None:
     save_model(value, str(out / f"value{rt.rank}.safetensors"))

@@ -239,24 +239,34 @@ def _rl_on(out, nproc: int, algorithm: str, steps: int):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("algorithm", "steps"), [("ppo", 4), ("rloo", 24)])
-def test_rl_on_two_processes_splits_the_prompts_and_keeps_the_replicas_identical(tmp_path, algorithm, steps):
-    """Each process samples its half of an iteration's prompts (a group stays whole); the
-    figures are the whole batch's; the gradients are averaged, so the weights stay identical."""
+def test_rl_on_two_processes_is_the_run_of_one_split_in_two(tmp_path, algorithm, steps):
+    """Each process samples its half of an iteration's prompts (a group stays whole) with the
+    random numbers one process uses for those rows; the figures are the whole batch's and the
+    minibatch gradients are summed over processes: the weights and figures of one process, and
+    replicas that stay identical."""
     from safetensors.torch import load_file
 
     from tasks.lib.train import seeded
 
-    ranks = _rl_on(tmp_path, 2, algorithm, steps)
+    one = _rl_on(tmp_path / "one", 1, algorithm, steps)[0]
+    ranks = _rl_on(tmp_path / "two", 2, algorithm, steps)
     assert ranks[0]["history"] == ranks[1]["history"], "every process reports the same figures"
     for name in ("policy", "value") if algorithm == "ppo" else ("policy",):
-        a, b = (load_file(str(tmp_path / f"{name}{r}.safetensors")) for r in (0, 1))
+        a, b = (load_file(str(tmp_path / f"two/{name}{r}.safetensors")) for r in (0, 1))
         assert all(torch.equal(a[k], b[k]) for k in a), f"the {name} replicas drifted apart"
+        w1 = load_file(str(tmp_path / f"one/{name}0.safetensors"))
+        diff = max(float((w1[k] - a[k]).abs().max()) for k in w1)
+        assert diff < 1e-4, f"{name}: 2 processes drifted from 1 by {diff}"
+    for h1, h2 in zip(one["history"], ranks[0]["history"], strict=True):
+        assert h2["phase"] == h1["phase"] and h2.keys() == h1.keys()
+        assert {k: h2[k] for k in h1 if k != "phase"} == pytest.approx({k: h1[k] for k in h1 if k != "phase"}, rel=1e-4, abs=1e-5)
     k = 1 if algorithm == "ppo" else 4
     for it, row in enumerate(ranks[0]["history"]):
         picked = torch.randperm(32, generator=seeded(0, it))[:4].tolist()  # the iteration's prompts, drawn as the loop draws them
         halves = [ranks[r]["seen"][it]["idx"] for r in (0, 1)]
         assert halves[0] == [i for i in picked[:2] for _ in range(k)] and halves[1] == [i for i in picked[2:] for _ in range(k)]
         both = ranks[0]["seen"][it]["scores"] + ranks[1]["seen"][it]["scores"]
+        assert both == pytest.approx(one["seen"][it]["scores"], abs=1e-6)  # the same responses as one process
         assert row["reward_mean"] == pytest.approx(float(np.mean(both)), abs=1e-6)  # the whole batch's mean
         assert row["reward_std"] == pytest.approx(float(np.std(both, ddof=1)), abs=1e-5)
     w = [ranks[r]["whiten"] for r in (0, 1)]  # whitening over processes = whitening of the concatenated batch

@@ -268,46 +268,52 @@ def positions_of(valid: torch.Tensor) -> torch.Tensor:
     return (valid.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _draw(weights: torch.Tensor, generator=None) -> torch.Tensor:
+def _draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """(B, 1) index of one draw per row, with probability proportional to the row's
-    non-negative weights: the inverse of the cumulative sum at one uniform number per row
-    (torch.multinomial took a quarter of a decoding step on the CPU)."""
+    non-negative weights: the inverse of the cumulative sum at the row's uniform number `u`
+    (B, 1) (torch.multinomial took a quarter of a decoding step on the CPU)."""
     c = weights.cumsum(-1)
-    u = torch.rand(c.shape[0], 1, generator=generator, device=c.device) * c[:, -1:]
-    return torch.searchsorted(c, u, right=True).clamp(max=c.shape[-1] - 1)
+    return torch.searchsorted(c, u * c[:, -1:], right=True).clamp(max=c.shape[-1] - 1)
 
 
 NUCLEUS_CANDIDATES = 1024  # the nucleus is looked for among this many most likely tokens first
 
 
-def _nucleus_draw(vals: torch.Tensor, order: torch.Tensor, top_p: float, generator) -> torch.Tensor:
+def _nucleus_draw(vals: torch.Tensor, order: torch.Tensor, top_p: float, u: torch.Tensor) -> torch.Tensor:
     """A draw from the nucleus of rows of probabilities sorted in descending order (`order`:
     their token ids): the smallest head whose mass exceeds top_p, renormalised."""
     vals = vals.masked_fill(vals.cumsum(-1) - vals > top_p, 0.0)
-    return order.gather(-1, _draw(vals, generator)).squeeze(-1)
+    return order.gather(-1, _draw(vals, u)).squeeze(-1)
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator=None) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator=None,
+                rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """One token per row. One uniform number per row is drawn from `generator` at each call;
+    `rows` = (offset, total): these rows are rows offset ... of a batch of `total` sampled
+    together (the uniforms of all `total` are drawn, these rows use theirs), so a batch split
+    over processes draws what the whole batch would."""
     if temperature <= 0:
         return logits.argmax(-1)
+    offset, total = rows or (0, logits.shape[0])
+    u = torch.rand(total, 1, generator=generator, device=logits.device)[offset : offset + logits.shape[0]]
     logits = logits.float() / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(-1)
     if top_p is None or top_p >= 1.0:
-        return _draw(probs, generator).squeeze(-1)
+        return _draw(probs, u).squeeze(-1)
     # Sorting the whole vocabulary was most of a decoding step: the nucleus is looked for
     # among the most likely NUCLEUS_CANDIDATES tokens (97% of rows at T = 0.7 on the default
     # model), and only rows whose nucleus is larger (a flat distribution) are sorted whole
     vals, order = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]))
     fits = vals.sum(-1) > top_p
     if bool(fits.all()):
-        return _nucleus_draw(vals, order, top_p, generator)
+        return _nucleus_draw(vals, order, top_p, u)
     out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
     if bool(fits.any()):
-        out[fits] = _nucleus_draw(vals[fits], order[fits], top_p, generator)
-    out[~fits] = _nucleus_draw(*probs[~fits].sort(-1, descending=True), top_p, generator)
+        out[fits] = _nucleus_draw(vals[fits], order[fits], top_p, u[fits])
+    out[~fits] = _nucleus_draw(*probs[~fits].sort(-1, descending=True), top_p, u[~fits])
     return out
 
 
@@ -337,12 +343,15 @@ def compiled_decode_step(device_type: str):
 def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, pad_id: int, stop_ids: tuple[int, ...] = (),
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              use_cache: bool = True, compile: bool = False, generator: torch.Generator | None = None,
-             entropy: list[float] | None = None, on_token=None) -> list[list[int]]:
+             entropy: list[float] | None = None, on_token=None, rows: tuple[int, int] | None = None) -> list[list[int]]:
     """New tokens for each prompt, up to and including the first stop token. `entropy`, when
     given, is extended by the entropy (nats) of the model's own distribution (temperature 1)
     at each new token of each row, row by row: what a separate pass over the sequences would
     compute, for the cost of one log-softmax per step. `on_token(tokens)`, when given, gets each
     step's new token of every row (pad for rows already done) as it is drawn: streaming.
+    `rows` = (offset, total): these prompts are rows offset ... of a batch of `total` split over
+    processes; each draws what the whole batch would (sample_next), so a row's tokens do not
+    depend on how the batch was split.
 
     With the cache (the default), the prompts are run once (prefill) and each new token is one
     `decode_step` over a preallocated cache; `compile` runs that step under torch.compile (CUDA
@@ -393,7 +402,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, pad_i
             if entropy is not None:
                 lp = F.log_softmax(logits.float(), -1)
                 ent[:, t] = -(lp.exp() * lp).sum(-1)
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            nxt = sample_next(logits, temperature, top_k, top_p, generator, rows)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             out[:, t] = nxt
             if on_token is not None:

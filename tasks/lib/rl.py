@@ -59,8 +59,11 @@ def rewards_of(model, seqs: list[list[int]], pad_id: int) -> torch.Tensor:
     return values.gather(1, last[:, None]).squeeze(1).float()  # fp32 even under bf16 autocast
 
 
-def masked_mean(v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    return (v * m).sum() / m.sum().clamp(min=1)
+def masked_mean(v: torch.Tensor, m: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of v over the positions where m is 1; `count`: divide by this many positions
+    instead (a batch split over processes: each divides its part by the whole batch's count,
+    and the parts add up to the batch's mean)."""
+    return (v * m).sum() / (m.sum().clamp(min=1) if count is None else count)
 
 
 def whiten(v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -100,12 +103,13 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv
 
 
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, clip: float,
+                count: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The clipped surrogate as a loss: mean over response tokens of
-    max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)); and the ratio."""
+    max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)); and the ratio. (`count`: masked_mean's.)"""
     ratio = torch.exp(logp - old_logp)
     pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
-    return masked_mean(pg, mask), ratio
+    return masked_mean(pg, mask, count), ratio
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
@@ -116,10 +120,11 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return float(1 - resid / var.clamp(min=1e-8))
 
 
-def value_loss(v: torch.Tensor, old_v: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float) -> torch.Tensor:
+def value_loss(v: torch.Tensor, old_v: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float,
+               count: torch.Tensor | None = None) -> torch.Tensor:
     """0.5 * mean of max((V - R)^2, (V_clipped - R)^2), V_clipped within `clip` of the old value."""
     v_clipped = old_v + (v - old_v).clamp(-clip, clip)
-    return 0.5 * masked_mean(torch.max((v - returns) ** 2, (v_clipped - returns) ** 2), mask)
+    return 0.5 * masked_mean(torch.max((v - returns) ** 2, (v_clipped - returns) ** 2), mask, count)
 
 
 class KLController:

@@ -21,12 +21,17 @@ Each iteration reads top to bottom:
 Returns one row of metrics per iteration, the iterations before a resume included (they
 travel in the checkpoint, with the weights, optimizer states and beta).
 
-On W processes (`rt` under torchrun) every process picks the same prompts and takes its own
-1/W of them (a prompt's group of K stays on one process), samples, scores and computes its
-advantages; the whitening statistics, the metrics and the KL the controller sees are those of
-the whole batch (reduced over processes); each minibatch's gradients are averaged over the
-processes before the optimizers step, so the replicas stay identical. The first process
-alone writes checkpoints. With W = 1 nothing of this changes a figure.
+On W processes (`rt` under torchrun) it is the run of one process, split: every process picks
+the same prompts and takes its own 1/W of them (rows r*B/W ... of the batch; a prompt's group
+of K stays on one process), samples them with the uniform numbers one process would have used
+for those rows (model.sample_next's `rows`), scores them and computes their advantages; the
+whitening statistics, the metrics and the KL the controller sees are the whole batch's
+(reduced over processes). A minibatch is the same rows as on one process: each process takes
+its own rows of it, divides its loss sums by the minibatch's whole token count, and the
+gradients are summed over the processes, which gives one process's gradient of the
+minibatch's mean (PPO-ptx's pretraining term is the first process's alone, as one process
+computes it once). The replicas stay identical, and the weights equal one process's within
+floating-point rounding. The first process alone writes checkpoints.
 """
 
 from __future__ import annotations
@@ -116,11 +121,12 @@ def rl_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cfg
         idx = [i for i in picked for _ in range(K)]  # a group's K samples are neighbours
         batch_prompts = [prompts[i] for i in idx]
 
-        # 1. rollout (each process draws its own samples; one process draws them from `gen`, as before)
+        # 1. rollout (on W processes each draws its rows' share of the whole batch's uniforms)
+        B_local = len(idx)
         with autocast:
             responses = generate(policy, batch_prompts, sp.max_new_tokens, pad_id=pad_id, stop_ids=stop_ids,
-                                 temperature=sp.temperature, top_p=sp.top_p, generator=gen if W == 1 else seeded(seed, it, rank, W),
-                                 compile=compile_decode)
+                                 temperature=sp.temperature, top_p=sp.top_p, generator=gen, compile=compile_decode,
+                                 rows=(rank * B_local, W * B_local) if W > 1 else None)
         responses = [r if r else [pad_id] for r in responses]
         x, mask = sequences(batch_prompts, responses, pad_id, device)
         m = mask.float()
@@ -148,29 +154,39 @@ def rl_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cfg
         # 5. update
         names = ("policy_loss", "entropy", "clip_fraction", "approx_kl", "ptx_loss") + (("value_loss",) if critic else ())
         stats: dict[str, list[float]] = {k: [] for k in names}
-        B = x.shape[0]
+        B = B_local * W  # the whole batch's rows; this process holds rows rank*B_local ...
         mb = max(B // cfg.minibatches, 1)
+        order_gen = seeded(seed, it, 1)  # the minibatches: the same rows on any number of processes
         for epoch in range(cfg.ppo_epochs):
-            order = torch.randperm(B, generator=gen).tolist()
+            order = torch.randperm(B, generator=order_gen).tolist()
             for s in range(0, B, mb):
-                sel = order[s : s + mb]
+                sel = [r - rank * B_local for r in order[s : s + mb] if rank * B_local <= r < (rank + 1) * B_local]
                 xs, ms = x[sel], m[sel]
-                with autocast:
-                    logp, ent = token_logprobs(policy, xs, sp.temperature)
-                    v = value(xs)[:, :-1].float() if critic else None
-                pi_loss, ratio = policy_loss(logp, old_logp[sel], adv[sel], ms, cfg.clip)
-                entropy = masked_mean(ent, ms)
-                total = pi_loss - cfg.entropy_coef * entropy
-                if warming:  # the value loss alone; the policy's optimizer does not step
-                    total = torch.zeros((), device=device)
-                elif ptx_fn is not None and cfg.ptx_coef > 0:  # PPO-ptx: keep the pretraining distribution
-                    px, py = ptx_fn((it * 1000 + epoch * 100 + s) * W + rank)  # each process its own batch
+                # W > 1: each process's sums over its rows, divided by the minibatch's whole count
+                count = rt.all_sum(ms.sum()).clamp(min=1) if W > 1 else None
+                total = torch.zeros((), device=device)
+                figures = torch.zeros(5 if critic else 4, device=device)
+                if sel:
+                    with autocast:
+                        logp, ent = token_logprobs(policy, xs, sp.temperature)
+                        v = value(xs)[:, :-1].float() if critic else None
+                    pi_loss, ratio = policy_loss(logp, old_logp[sel], adv[sel], ms, cfg.clip, count)
+                    entropy = masked_mean(ent, ms, count)
+                    if not warming:  # (warming: the value loss alone; the policy's optimizer does not step)
+                        total = pi_loss - cfg.entropy_coef * entropy
+                    if critic:
+                        v_loss = value_loss(v, old_values[sel], returns[sel], ms, cfg.value_clip, count)
+                    with torch.no_grad():
+                        figures = torch.stack([pi_loss, entropy, masked_mean(((ratio - 1).abs() > cfg.clip).float(), ms, count),
+                                               masked_mean(0.5 * (logp - old_logp[sel]) ** 2, ms, count)]
+                                              + ([v_loss] if critic else [])).detach()
+                if not warming and ptx_fn is not None and cfg.ptx_coef > 0 and rank == 0:  # PPO-ptx: keep the pretraining distribution
+                    px, py = ptx_fn(it * 1000 + epoch * 100 + s)
                     with autocast:
                         ptx = policy(px.to(device), py.to(device))[1].float()
                     total = total + cfg.ptx_coef * ptx
                     stats["ptx_loss"].append(float(ptx.detach()))
-                if critic:
-                    v_loss = value_loss(v, old_values[sel], returns[sel], ms, cfg.value_clip)
+                if critic and sel:
                     total = total + cfg.vf_coef * v_loss
                 if not torch.isfinite(total):
                     raise DivergenceError(f"{algorithm}: non-finite loss at iteration {it + 1} (lower the learning rates); "
@@ -178,26 +194,23 @@ def rl_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cfg
                 stepping = ["value"] if warming else list(optimizers)
                 for o in optimizers.values():
                     o.zero_grad(set_to_none=True)
-                total.backward()
-                if W > 1:  # the replicas step with the gradients of the whole minibatch
-                    _average_gradients([modules[n] for n in stepping], rt)
+                if total.requires_grad:
+                    total.backward()
+                if W > 1:  # the replicas step with the whole minibatch's gradient
+                    _sum_gradients([modules[n] for n in stepping], rt)
+                    figures = rt.all_sum(figures)
                 for name in stepping:
                     torch.nn.utils.clip_grad_norm_(modules[name].parameters(), cfg.grad_clip)
                     optimizers[name].step()
-                with torch.no_grad():
-                    stats["policy_loss"].append(float(pi_loss))
-                    stats["entropy"].append(float(entropy))
-                    stats["clip_fraction"].append(float(masked_mean(((ratio - 1).abs() > cfg.clip).float(), ms)))
-                    stats["approx_kl"].append(float(masked_mean(0.5 * (logp - old_logp[sel]) ** 2, ms)))
-                    if critic:
-                        stats["value_loss"].append(float(v_loss))
+                for name, value_ in zip(names[:4] + names[5:], figures.tolist()):
+                    stats[name].append(value_)
 
         # 6. control, metrics, checkpoint (figures of the whole batch, over every process)
         seq_kl = kl.sum(1)
         if W > 1:
             responses, idx = _gather_lists(responses, rt), _gather_lists(idx, rt)
             scores, seq_kl = rt.all_gather(scores), rt.all_gather(seq_kl)
-            stats = {k: [float(rt.all_mean(float(np.mean(v))))] if v else v for k, v in stats.items()}
+            stats["ptx_loss"] = rt.broadcast(stats["ptx_loss"])  # the first process's
         mean_kl = float(seq_kl.mean())
         n = len(responses)
         if not warming:  # the policy did not move: nothing for beta to react to
@@ -234,12 +247,12 @@ def _whiten_all(v: torch.Tensor, m: torch.Tensor, rt) -> torch.Tensor:
     return (v - mean) * torch.rsqrt(var + 1e-8) * m  # pragma: no mutate (as whiten)
 
 
-def _average_gradients(modules: list, rt) -> None:
-    """Every parameter's gradient averaged over the processes, in one flat all-reduce (a
+def _sum_gradients(modules: list, rt) -> None:
+    """Every parameter's gradient summed over the processes, in one flat all-reduce (a
     parameter without a gradient counts as zero, so every process sends the same layout)."""
     params = [p for mod in modules for p in mod.parameters() if p.requires_grad]
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-    flat = rt.all_sum(flat) / rt.world
+    flat = rt.all_sum(flat)
     offset = 0
     for p in params:
         g = flat[offset : offset + p.numel()].view_as(p)
