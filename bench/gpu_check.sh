@@ -15,13 +15,16 @@
 #      (bench/train_throughput.py); also checks the flash SDPA kernel and KV-cache greedy decoding
 #   3. PPO iterations at GPT-2 small, fp32 against bf16: seconds per iteration and generated
 #      tokens/s (bench/ppo_throughput.py)
-#   4. decoding at GPT-2 small: the growing-cache loop before against the static decode step,
+#   4. DPO steps at GPT-2 small, fp32 against bf16: seconds per step, pairs/s
+#      (bench/dpo_throughput.py)
+#   5. decoding at GPT-2 small: the growing-cache loop before against the static decode step,
 #      plain and compiled with CUDA graphs: tokens/s, ratios, same greedy tokens
 #      (bench/decode_throughput.py)
-#   5. the tests that need CUDA (tests/test_training.py: the loop with bf16 + compile, generation
+#   6. the tests that need CUDA (tests/test_training.py: the loop with bf16 + compile, generation
 #      and checkpoints on the GPU)
-# Not here: DDP over several GPUs (the lent machine has one; NCCL refuses two ranks on one GPU):
-# tests/test_distributed.py checks the same code on gloo processes.
+# Not here: DDP, FSDP and RL over several GPUs (the lent machine has one; NCCL refuses two ranks
+# on one GPU): tests/test_distributed.py, test_training.py and test_alignment.py check the same
+# code on gloo processes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -43,9 +46,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, print its wall 
 }
 
 if [[ "${GPU_CHECK_CPU:-0}" == 1 ]]; then
-    preset=cpu-tiny; train_steps=4; ppo_iters=2; new_tokens=16
+    preset=cpu-tiny; train_steps=4; ppo_iters=2; new_tokens=16; dpo_steps=2
 else
-    preset=gpt2-small; train_steps=30; ppo_iters=3; new_tokens=128
+    preset=gpt2-small; train_steps=30; ppo_iters=3; new_tokens=128; dpo_steps=6
     if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
         echo "error: no CUDA device visible to torch ($PY); GPU_CHECK_CPU=1 runs the CPU dry run" >&2
         exit 2
@@ -54,13 +57,15 @@ fi
 
 step "1. machine" 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo 'no nvidia-smi'; \
     '$PY' -c 'import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"devices\", torch.cuda.device_count())'"
-step "2. training throughput ($preset)" 180 "$PY" bench/train_throughput.py --preset "$preset" --steps "$train_steps"
+step "2. training throughput ($preset)" 150 "$PY" bench/train_throughput.py --preset "$preset" --steps "$train_steps"
 step "3. PPO throughput ($preset)" 90 "$PY" bench/ppo_throughput.py --preset "$preset" --iters "$ppo_iters" --new-tokens "$new_tokens"
-step "4. decoding ($preset)" 90 "$PY" bench/decode_throughput.py --preset "$preset" --batch 32 --new-tokens "$new_tokens" --repeats 3
+step "4. DPO throughput ($preset)" 30 "$PY" bench/dpo_throughput.py --preset "$preset" --steps "$dpo_steps" --pairs 16 \
+    --completion-tokens "$new_tokens"
+step "5. decoding ($preset)" 90 "$PY" bench/decode_throughput.py --preset "$preset" --batch 32 --new-tokens "$new_tokens" --repeats 3
 if [[ "${GPU_CHECK_CPU:-0}" == 1 ]]; then
-    echo; echo "=== 5. CUDA tests: skipped (CPU dry run)"
+    echo; echo "=== 6. CUDA tests: skipped (CPU dry run)"
 else
-    step "5. CUDA tests" 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_training.py -k cuda
+    step "6. CUDA tests" 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_training.py -k cuda
 fi
 echo
 echo "gpu_check: $failed step(s) failed, $(( $(date +%s) - t_all ))s in all"
