@@ -100,9 +100,10 @@ class Evaluator:
     """Generates and scores completions of the evaluation prompts for any chat or base model;
     every result is shaped (prompts, samples)."""
 
-    def __init__(self, params: Params, template, scorer, judge, examples: list[dict], shots: list[dict], autocast):
+    def __init__(self, params: Params, template, scorer, judge, examples: list[dict], shots: list[dict], autocast,
+                 compile_decode: bool = False):
         self.p, self.t, self.scorer, self.judge, self.examples = params.evaluate, template, scorer, judge, examples
-        self.autocast = autocast
+        self.autocast, self.compile_decode = autocast, compile_decode  # the decode step under torch.compile (CUDA)
         self.seed = params.seed
         prefix = "".join(f"Q: {ex['messages'][0]['content']}\nA: {ex['messages'][1]['content']}\n\n" for ex in shots)
         self.doc_prefix = [template.eot, *template.text_ids(prefix)]
@@ -129,7 +130,7 @@ class Evaluator:
         for i in progress(range(0, len(rows), batch), total=(len(rows) + batch - 1) // batch, desc=f"evaluate {name}", unit="batch"):
             with self.autocast:
                 outs += generate(model, rows[i : i + batch], sp.max_new_tokens, pad_id=t.pad, stop_ids=t.stop_ids,
-                                 temperature=temp, top_p=sp.top_p, generator=gen, entropy=ents)
+                                 temperature=temp, top_p=sp.top_p, generator=gen, entropy=ents, compile=self.compile_decode)
         texts, finished, comp_ids = [], [], []
         for o in outs:
             text = t.decode(o)
@@ -366,7 +367,8 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path]) -> di
     scorer.eval()
     corpus = [(ex["messages"][0]["content"], ex["messages"][1]["content"]) for split in splits.values() for ex in split]
     judge = Judge(corpus, jd.repetition_penalty, jd.unfinished_penalty, jd.contrast_references)
-    ev = Evaluator(params, t, scorer, judge, examples, instructions.sample(splits["sft"], cfg.few_shot, params.seed, "few-shot"), rt.autocast)
+    ev = Evaluator(params, t, scorer, judge, examples, instructions.sample(splits["sft"], cfg.few_shot, params.seed, "few-shot"), rt.autocast,
+                   rt.compiled)
     # 3. baselines first: a judge under which the reference loses to a trivial answer is refused before any sampling
     constant, _ = best_constant(judge, [ex["messages"][1]["content"] for ex in splits["sft"]], ev.questions, ev.references)
     outs: dict[str, dict] = {"constant": ev.baseline([constant] * len(examples)), "prompt_copy": ev.baseline(ev.questions),

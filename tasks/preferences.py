@@ -94,7 +94,7 @@ def sample_and_rank(params: Params, sft_dir: Path) -> list[dict]:
         batch = rows[i : i + cfg.batch_size]
         with rt.autocast:
             outs = generate(model, [t.prompt(ex["messages"][0]["content"]) for ex, _ in batch], sp.max_new_tokens, pad_id=t.pad,
-                            stop_ids=t.stop_ids, temperature=sp.temperature, top_p=sp.top_p, generator=gen)
+                            stop_ids=t.stop_ids, temperature=sp.temperature, top_p=sp.top_p, generator=gen, compile=rt.compiled)
         for o in outs:
             texts.append(t.decode(o))
             finished.append(bool(o) and o[-1] == t.end_turn)

@@ -63,8 +63,9 @@ class Models:
     """The models this server answers with: id -> loaded (model, template, is_chat), loaded on
     first use from a checkpoint folder or a registered version, at most MAX_LOADED at once."""
 
-    def __init__(self, sources: list[str], device: str, notes=print):
+    def __init__(self, sources: list[str], device: str, notes=print, compile: bool = False):
         self.device, self.notes = device, notes
+        self.compile = compile  # generation's decode step under torch.compile (CUDA graphs on a GPU)
         self.sources: dict[str, str] = {}  # model id -> checkpoint folder or models:/ URI
         self.loaded: OrderedDict[str, tuple] = OrderedDict()
         for s in sources:
@@ -173,7 +174,8 @@ class Answerer:
         t = job["t"]
         with self.lock:
             return generate(job["model"], [job["ids"]] * req.n, job["max_new"], pad_id=t.pad, stop_ids=t.stop_ids,
-                            temperature=req.temperature, top_p=req.top_p, generator=torch.Generator().manual_seed(seed), on_token=on_token)
+                            temperature=req.temperature, top_p=req.top_p, generator=torch.Generator().manual_seed(seed), on_token=on_token,
+                            compile=self.models.compile)
 
     def finish(self, job: dict, out: list[int]) -> tuple[str, str]:
         """(text, finish_reason) of one generated row."""
@@ -286,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ap.add_argument("--compile", action="store_true",
+                    help="decode under torch.compile (CUDA graphs on a GPU): faster tokens after the first requests, which compile")
     args = ap.parse_args(argv)
     if not 0 <= args.port < 65536:
         print(f"error: serve: --port {args.port}: not a port number", file=sys.stderr)
@@ -300,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         mlflow.set_tracking_uri(tracking_uri())
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         sources = [*args.model, *args.checkpoint] or [DEFAULT_URI]
-        models = Models(sources, device, notes=lambda line: print(line, file=sys.stderr))
+        models = Models(sources, device, notes=lambda line: print(line, file=sys.stderr), compile=args.compile)
         models.get(None)  # the default model loads before the first request (and a broken one fails here)
     except (FileNotFoundError, ServeError, ValueError) as err:
         print(f"error: serve: {getattr(err, 'message', err)}", file=sys.stderr)

@@ -243,3 +243,25 @@ def test_the_terminal_chat_says_when_it_drops_old_turns(checkpoint):
     too_long = subprocess.run([sys.executable, "-m", "tasks.chat", "--checkpoint", str(checkpoint), "--max-new-tokens", "8", "--prompt",
                                "What does len do? " * 40], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert too_long.returncode == 2 and "too long" in too_long.stderr
+
+
+def test_the_terminal_chat_decodes_the_same_answer_compiled(checkpoint, capsys, monkeypatch):
+    """--compile runs generation's decode step under torch.compile (the static-cache form, CUDA
+    graphs on a GPU): the greedy answer is the plain one's."""
+    import tasks.lib.model as model_lib
+    from tasks.chat import main
+
+    used = []
+    real = model_lib.compiled_decode_step
+    monkeypatch.setattr(model_lib, "compiled_decode_step", lambda device_type: used.append(device_type) or real(device_type))
+
+    def answer(*extra):
+        assert main(["--checkpoint", str(checkpoint), "--temperature", "0", "--max-new-tokens", "10", "--prompt", "What does len do?",
+                     *extra]) == 0
+        return capsys.readouterr().out
+
+    plain = answer()
+    assert not used
+    compiled = answer("--compile")
+    assert used == ["cpu"], "--compile must reach generation"
+    assert "It returns the length." in plain and compiled == plain
