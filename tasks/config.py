@@ -773,6 +773,10 @@ def consistency_problems(p: Params) -> list[str]:
             out.append(f"{name}.batch_prompts = {sec.batch_prompts} does not divide over {name}.compute's {sec.compute.world} processes "
                        f"(nproc_per_node {sec.compute.nproc_per_node} x nnodes {sec.compute.nnodes}): make it a multiple of {sec.compute.world}, "
                        "so every process samples as many prompts and the batch stays the same")
+    for name in ("preferences", "ppo", "group_rl", "evaluate"):
+        if getattr(p, name).compute.strategy == "fsdp":
+            out.append(f"{name}.compute.strategy = fsdp: only the training stages (pretrain, sft, reward, dpo) shard their model; "
+                       f"{name} keeps whole models on every process (use ddp)")
     for name in ("preferences", "evaluate"):
         c = getattr(p, name).compute
         if c.world > 1:

@@ -46,7 +46,9 @@ if algorithm == "ppo":
     cfg = conf("ppo", value_warmup=1, **{**common, "ptx_coef": 0.5})
 else:
     cfg = conf("group_rl", algorithm=algorithm, group_size=4, **common)
-hist = rl_loop(policy, ref, value, score_fn, [[1, 2, 3 + i % 30] for i in range(32)], cfg, pad_id=0, stop_ids=(5,), seed=0,
+# prompts of 3 to 27 tokens in a context of 32: a batch holding a long one allows fewer new tokens
+prompts = [[1, 2] + [3 + i % 30] * (1 + (i % 4) * 8) for i in range(32)]
+hist = rl_loop(policy, ref, value, score_fn, prompts, cfg, pad_id=0, stop_ids=(5,), seed=0,
                device=torch.device("cpu"), algorithm=algorithm, group_size=1 if algorithm == "ppo" else 4, rt=rt,
                ptx_fn=ptx_fn)
 save_model(policy, str(out / f"policy{rt.rank}.safetensors"))

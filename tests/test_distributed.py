@@ -162,14 +162,15 @@ def test_a_distributed_setting_that_cannot_work_is_one_error(tmp_path, tokenizer
     assert "Traceback" not in err and not (root / "models/base").exists() and not (root / "reports/pretrain.json").exists()
 
 
-@pytest.mark.parametrize(("stage", "nproc", "named"), [
-    ("evaluate", 4, "evaluate.compute runs on one process (nproc_per_node and nnodes must be 1, not 4 and 1)"),
-    ("ppo", 3, "ppo.batch_prompts = 4 does not divide over ppo.compute's 3 processes"),
+@pytest.mark.parametrize(("stage", "compute", "named"), [
+    ("evaluate", {"nproc_per_node": 4}, "evaluate.compute runs on one process (nproc_per_node and nnodes must be 1, not 4 and 1)"),
+    ("ppo", {"nproc_per_node": 3}, "ppo.batch_prompts = 4 does not divide over ppo.compute's 3 processes"),
+    ("group_rl", {"nproc_per_node": 2, "strategy": "fsdp"}, "group_rl.compute.strategy = fsdp: only the training stages"),
 ])
-def test_a_sampling_stage_that_cannot_split_is_refused_by_name(tmp_path, tokenizer_file, capsys, monkeypatch, stage, nproc, named):
+def test_a_sampling_stage_that_cannot_split_is_refused_by_name(tmp_path, tokenizer_file, capsys, monkeypatch, stage, compute, named):
     root = pretrain_project(tmp_path, tokenizer_file)
     raw = yaml.safe_load((root / "params.yaml").read_text())
-    raw[stage]["compute"]["nproc_per_node"] = nproc
+    raw[stage]["compute"].update(compute)
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     code, err = main_of(root, capsys, monkeypatch)
     assert code == 2 and named in err, err

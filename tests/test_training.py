@@ -178,6 +178,25 @@ def test_sampler_draws_in_proportion_and_renormalises_the_nucleus():
     assert len(set(draws[1::2].tolist())) > 500 and max(draws[1::2].tolist()) >= model_lib.NUCLEUS_CANDIDATES  # beyond the candidates
 
 
+@pytest.mark.parametrize(("top_k", "top_p"), [(None, None), (5, None), (None, 0.9)], ids=["plain", "top-k", "nucleus-mixed"])
+def test_a_batch_split_into_rows_draws_what_the_whole_batch_draws(top_k, top_p):
+    """`rows=(offset, total)`: each part of a batch uses the uniform numbers of its own rows, so
+    the parts, joined, are the whole batch's tokens, call after call (the nucleus case mixes
+    rows whose nucleus fits the candidate set with flat rows that do not)."""
+    from tasks.lib.model import sample_next
+
+    V = 3000
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(8, V, generator=g) * 3
+    logits[1::2] = 0.0  # flat rows: their nucleus is larger than the candidates looked at first
+    whole, first, second = (torch.Generator().manual_seed(7) for _ in range(3))
+    for _ in range(3):
+        full = sample_next(logits, 0.8, top_k, top_p, whole)
+        parts = torch.cat([sample_next(logits[:3], 0.8, top_k, top_p, first, rows=(0, 8)),
+                           sample_next(logits[3:], 0.8, top_k, top_p, second, rows=(3, 8))])
+        assert torch.equal(parts, full)
+
+
 def test_sft_prompt_tokens_carry_no_loss():
     from tasks.lib.template import Template
     from tasks.lib.instructions import masked_batch
@@ -415,6 +434,8 @@ def test_two_gloo_processes_train_the_weights_of_one_with_the_same_global_batch(
     r1, r2 = (json.loads((tmp_path / f"{d}/rank0.json").read_text()) for d in ("one", "two"))
     assert r2["world_size"] == 2 and r1["world_size"] == 1
     assert r2["losses"] == pytest.approx(r1["losses"], rel=1e-5)  # the logged loss is the global batch's mean on both
+    assert [e["step"] for e in r2["evals"]] == [0, 4, 8, 12] and r2["best"]["step"] == r1["best"]["step"]  # evaluations sample too
+    assert [e["score"] for e in r2["evals"]] == pytest.approx([e["score"] for e in r1["evals"]], rel=1e-5)
     torch.manual_seed(0)
     start = GPT(ModelConfig(vocab_size=40, n_layer=2, n_head=2, d_model=32, max_seq_len=32)).state_dict()
     assert max(float((w1[k] - start[k]).abs().max()) for k in w1) > 1e-2, "the run must have trained"

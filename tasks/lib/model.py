@@ -186,10 +186,15 @@ class GPT(nn.Module):
             cache.length += T
         return self.norm(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None, **kw):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
+                last_only: bool = False, **kw):
         """Logits (B, T, V), and the mean next-token cross-entropy over positions where
-        `loss_mask` is true (all positions when it is None) if `targets` are given."""
-        logits = self.head(self.hidden(idx, **kw))
+        `loss_mask` is true (all positions when it is None) if `targets` are given. `last_only`:
+        the logits of the last position only, (B, 1, V) (sampling needs no others). Generation
+        goes through here too, not through `hidden` and `head`: a model sharded by FSDP
+        gathers its top-level weights in this call's hooks."""
+        h = self.hidden(idx, **kw)
+        logits = self.head(h[:, -1:] if last_only else h)
         if targets is None:
             return logits, None
         losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
@@ -323,7 +328,7 @@ def decode_step(model: GPT, tok: torch.Tensor, pos: torch.Tensor, keys: torch.Te
     `keys` covers the whole buffer (B, capacity): the same shapes at every step, so
     torch.compile traces it once per batch shape. Without, it is appended and `keys` covers
     the positions filled so far, itself included."""
-    return model.head(model.hidden(tok, positions=pos, mask=keys[:, None, None, :], cache=cache)[:, -1])
+    return model(tok, positions=pos, mask=keys[:, None, None, :], cache=cache, last_only=True)[0][:, -1]
 
 
 _COMPILED: dict[str, Any] = {}
@@ -390,7 +395,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, pad_i
             # prefill; the head on the last position only: the prompt's other positions would
             # cost (B x prompt x vocab) for nothing
             pos = positions_of(valid)
-            logits = model.head(model.hidden(tokens, positions=pos, mask=attention_mask(valid, P), cache=cache)[:, -1])
+            logits = model(tokens, positions=pos, mask=attention_mask(valid, P), cache=cache, last_only=True)[0][:, -1]
             keys = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)
             keys[:, :P] = valid
             if compile:
@@ -398,7 +403,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, pad_i
             pos = pos[:, -1:]
         for t in range(max_new_tokens):
             if not use_cache:
-                logits = model.head(model.hidden(tokens, positions=positions_of(valid), mask=attention_mask(valid, tokens.shape[1]))[:, -1])
+                logits = model(tokens, positions=positions_of(valid), mask=attention_mask(valid, tokens.shape[1]), last_only=True)[0][:, -1]
             if entropy is not None:
                 lp = F.log_softmax(logits.float(), -1)
                 ent[:, t] = -(lp.exp() * lp).sum(-1)

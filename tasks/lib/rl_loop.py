@@ -116,6 +116,10 @@ def rl_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cfg
         warming = it < warmup
         gen = seeded(seed, it)
         picked = torch.randperm(len(prompts), generator=gen)[: cfg.batch_prompts].tolist()
+        if len(picked) < cfg.batch_prompts:
+            raise ValueError(f"{len(prompts)} prompts, fewer than batch_prompts {cfg.batch_prompts}")
+        # the answer length one process would allow for the whole batch (generate caps it by its own prompts)
+        new_tokens = min(sp.max_new_tokens, policy.cfg.max_seq_len - max(len(prompts[i]) for i in picked))
         share = len(picked) // W
         picked = picked[rank * share : (rank + 1) * share]  # this process's prompts
         idx = [i for i in picked for _ in range(K)]  # a group's K samples are neighbours
@@ -124,7 +128,7 @@ def rl_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cfg
         # 1. rollout (on W processes each draws its rows' share of the whole batch's uniforms)
         B_local = len(idx)
         with autocast:
-            responses = generate(policy, batch_prompts, sp.max_new_tokens, pad_id=pad_id, stop_ids=stop_ids,
+            responses = generate(policy, batch_prompts, new_tokens, pad_id=pad_id, stop_ids=stop_ids,
                                  temperature=sp.temperature, top_p=sp.top_p, generator=gen, compile=compile_decode,
                                  rows=(rank * B_local, W * B_local) if W > 1 else None)
         responses = [r if r else [pad_id] for r in responses]
@@ -188,7 +192,10 @@ def rl_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cfg
                     stats["ptx_loss"].append(float(ptx.detach()))
                 if critic and sel:
                     total = total + cfg.vf_coef * v_loss
-                if not torch.isfinite(total):
+                finite = torch.isfinite(total.detach())
+                if W > 1:  # one process's non-finite loss stops every process, with the same error
+                    finite = rt.all_sum((~finite).float()) == 0
+                if not finite:
                     raise DivergenceError(f"{algorithm}: non-finite loss at iteration {it + 1} (lower the learning rates); "
                                           "nothing was written or registered")
                 stepping = ["value"] if warming else list(optimizers)

@@ -234,7 +234,14 @@ def train_loop(
     # 2. optimizer
     opt = make_optimizer(model, cfg, rt.device)
     # 3. resume: the first process reads (and cleans or sets aside) the checkpoint, then the others
-    if rt.sharded:  # the first process reads whole weights into a plain copy and spreads them over the shards
+    found = False  # (FSDP) a checkpoint to resume from: gathering a plain copy is only worth it then
+    if rt.sharded:
+        if rt.main:
+            from tasks.lib.storage import clean_stale
+
+            clean_stale(resume_dir)  # a kill inside the last replacement left the previous checkpoint aside: put it back first
+        found = rt.broadcast((resume_dir / "state.json").is_file())
+    if found:  # the first process reads whole weights into a plain copy and spreads them over the shards
         holder = rt.plain(model, device="cpu")
         holder_opt = make_optimizer(holder, cfg, torch.device("cpu")) if rt.main else None
         state = (load_state(resume_dir, {"model": holder}, {"model": holder_opt}, fingerprint_) if rt.main else None) or {}
@@ -242,6 +249,8 @@ def train_loop(
         if state:
             rt.load_sharded(model, opt, holder.state_dict() if rt.main else None, holder_opt.state_dict() if rt.main else None)
         del holder, holder_opt
+    elif rt.sharded:
+        state = {}
     else:
         state = (load_state(resume_dir, {"model": model}, {"model": opt}, fingerprint_) if rt.main else None) or {}
         rt.barrier()
@@ -266,9 +275,10 @@ def train_loop(
     def evaluate(step: int) -> None:
         nonlocal best, best_weights
         model.eval()
-        with torch.no_grad(), rt.autocast:
+        with torch.no_grad(), rt.autocast:  # (under FSDP every process evaluates: each forward gathers weights from all)
             ev = eval_fn(unwrap(model), step)
         model.train()
+        ev = rt.broadcast(ev)  # the first process's figures: every process then keeps the same best step
         evals.append({"step": step + 1, **ev})
         report.to_mlflow(step + 1, ev)
         if rt.main:
