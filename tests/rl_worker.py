@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import save_model
 
 from tasks.lib.model import GPT, ModelConfig, ScalarModel
-from tasks.lib.rl_loop import _whiten_all, rl_loop
+from tasks.lib.rl import whiten
+from tasks.lib.rl_loop import rl_loop
 from tests.conftest import cfg as conf
 from tests.conftest import runtime
 
@@ -57,6 +58,6 @@ if value is not None:
 # the whitening over processes on data of each rank's own (lengths and masks differ)
 g = torch.Generator().manual_seed(rt.rank)
 v, m = torch.randn(3 + rt.rank, 5, generator=g) * (1 + rt.rank), (torch.rand(3 + rt.rank, 5, generator=g) > 0.3).float()
-whitened = _whiten_all(v, m, rt)
+whitened = whiten(v, m, rt.all_sum)
 (out / f"rank{rt.rank}.json").write_text(json.dumps({"world_size": rt.world, "history": hist, "seen": seen,
                                                      "whiten": {"v": v.tolist(), "m": m.tolist(), "out": whitened.tolist()}}))

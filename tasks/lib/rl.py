@@ -66,9 +66,12 @@ def masked_mean(v: torch.Tensor, m: torch.Tensor, count: torch.Tensor | None = N
     return (v * m).sum() / (m.sum().clamp(min=1) if count is None else count)
 
 
-def whiten(v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    mean = masked_mean(v, m)
-    var = masked_mean((v - mean) ** 2, m)
+def whiten(v: torch.Tensor, m: torch.Tensor, total=lambda t: t) -> torch.Tensor:
+    """v over the positions where m is 1, shifted to mean 0 and scaled to variance 1. `total`:
+    how a sum becomes the whole batch's (Runtime.all_sum when the batch is split over processes)."""
+    count = total(m.sum()).clamp(min=1)
+    mean = total((v * m).sum()) / count
+    var = total(((v - mean) ** 2 * m).sum()) / count
     return (v - mean) * torch.rsqrt(var + 1e-8) * m  # pragma: no mutate (1e-8 only guards a zero variance)
 
 

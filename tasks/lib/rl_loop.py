@@ -72,7 +72,7 @@ def rl_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cfg
     Runtime, for several processes (None: one). `on_iter(it, row, responses, idx)` runs on every
     process with the whole batch's responses and prompt indices."""
     from tasks.lib.model import generate
-    from tasks.lib.train import DivergenceError, load_state, make_optimizer, save_state, seeded
+    from tasks.lib.train import DivergenceError, load_state_everywhere, make_optimizer, save_state, seeded
 
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown RL algorithm {algorithm!r} ({', '.join(ALGORITHMS)})")
@@ -96,14 +96,7 @@ def rl_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cfg
         opt_v = make_optimizer(value, _opt_cfg(cfg.value_lr), device)
         modules["value"], optimizers["value"] = value, opt_v
     kl_ctl = KLController(cfg.kl.beta, cfg.kl.adaptive, cfg.kl.target, cfg.kl.horizon)
-    # the first process reads (and cleans or sets aside) the checkpoint, then the others
-    state = (load_state(resume_dir, modules, optimizers, fingerprint) if resume_dir and rank == 0 else None) or {}
-    if W > 1:
-        rt.barrier()
-        if rank > 0 and resume_dir:
-            state = load_state(resume_dir, modules, optimizers, fingerprint, clean=False) or {}
-        if not rt.same_everywhere(int(state.get("step", 0))):
-            raise ValueError(f"the processes found different checkpoints in {resume_dir}: every node must see the first node's")
+    state = load_state_everywhere(rt, resume_dir, modules, optimizers, fingerprint, algorithm) if resume_dir else {}
     start = int(state.get("step", 0))
     kl_ctl.beta = state.get("beta", kl_ctl.beta)
     history: list[dict] = state.get("history", [])
@@ -151,7 +144,7 @@ def rl_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cfg
                 adv = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
                 returns = adv + old_values
                 if cfg.whiten_advantages:
-                    adv = whiten(adv, m) if W == 1 else _whiten_all(adv, m, rt)
+                    adv = whiten(adv, m, rt.all_sum) if W > 1 else whiten(adv, m)
             else:
                 adv = group_advantages(rewards.sum(1), K, algorithm)[:, None] * m
 
@@ -244,14 +237,6 @@ def rl_loop(policy, ref, value, score_fn: ScoreFn, prompts: list[list[int]], cfg
             save_state(resume_dir, modules, optimizers, {"step": it + 1, "beta": kl_ctl.beta, "fingerprint": fingerprint,
                                                          "history": history, "finished": it + 1 == total_iters})
     return history
-
-
-def _whiten_all(v: torch.Tensor, m: torch.Tensor, rt) -> torch.Tensor:
-    """`whiten` with the mean and variance of every process's valid positions."""
-    count, total = rt.all_sum(m.sum()), rt.all_sum((v * m).sum())
-    mean = total / count
-    var = rt.all_sum((((v - mean) ** 2) * m).sum()) / count
-    return (v - mean) * torch.rsqrt(var + 1e-8) * m  # pragma: no mutate (as whiten)
 
 
 def _sum_gradients(modules: list, rt) -> None:

@@ -176,9 +176,7 @@ class Runtime:
         if self.world == 1:
             return value
         if isinstance(value, torch.Tensor):
-            t = value.detach().to(torch.float64).clone()
-            dist.all_reduce(t)
-            return (t / self.world).to(value.dtype)
+            return (self.all_sum(value.detach().to(torch.float64)) / self.world).to(value.dtype)
         t = torch.tensor([value], device=self.device, dtype=torch.float64)
         dist.all_reduce(t)
         return float(t.item()) / self.world

@@ -146,6 +146,23 @@ def load_state(folder: Path, tensors: dict[str, nn.Module], optimizers: dict[str
     return state
 
 
+def load_state_everywhere(rt: Runtime | None, folder: Path, tensors: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+                          fingerprint_: str, name: str) -> dict:
+    """load_state on every process of a replicated run (`rt` None: one process): the first
+    reads (and cleans or sets aside) the checkpoint, then the others; all must find the same."""
+    main = rt is None or rt.main
+    state = (load_state(folder, tensors, optimizers, fingerprint_) if main else None) or {}
+    if rt is not None and rt.world > 1:
+        rt.barrier()
+        if not rt.main:
+            state = load_state(folder, tensors, optimizers, fingerprint_, clean=False) or {}
+        start = int(state.get("step", 0))
+        if not rt.same_everywhere(start):
+            raise StageError(f"{name}: the processes found different checkpoints in {folder} (step {start} on rank {rt.rank}): every "
+                             "node must see the first node's checkpoints folder (a shared filesystem), or delete it to start afresh")
+    return state
+
+
 # ----------------------------------------------------------------------------- logging
 class Reporter:
     """Metrics to MLflow every step (main process only) and a progress line with ETA."""
@@ -234,32 +251,23 @@ def train_loop(
     # 2. optimizer
     opt = make_optimizer(model, cfg, rt.device)
     # 3. resume: the first process reads (and cleans or sets aside) the checkpoint, then the others
-    found = False  # (FSDP) a checkpoint to resume from: gathering a plain copy is only worth it then
-    if rt.sharded:
+    if not rt.sharded:
+        state = load_state_everywhere(rt, resume_dir, {"model": model}, {"model": opt}, fingerprint_, name)
+    else:  # the first process reads whole weights into a plain copy and spreads them over the shards
+        state = {}
         if rt.main:
             from tasks.lib.storage import clean_stale
 
             clean_stale(resume_dir)  # a kill inside the last replacement left the previous checkpoint aside: put it back first
-        found = rt.broadcast((resume_dir / "state.json").is_file())
-    if found:  # the first process reads whole weights into a plain copy and spreads them over the shards
-        holder = rt.plain(model, device="cpu")
-        holder_opt = make_optimizer(holder, cfg, torch.device("cpu")) if rt.main else None
-        state = (load_state(resume_dir, {"model": holder}, {"model": holder_opt}, fingerprint_) if rt.main else None) or {}
-        state = rt.broadcast(state)
-        if state:
-            rt.load_sharded(model, opt, holder.state_dict() if rt.main else None, holder_opt.state_dict() if rt.main else None)
-        del holder, holder_opt
-    elif rt.sharded:
-        state = {}
-    else:
-        state = (load_state(resume_dir, {"model": model}, {"model": opt}, fingerprint_) if rt.main else None) or {}
-        rt.barrier()
-        if not rt.main:
-            state = load_state(resume_dir, {"model": model}, {"model": opt}, fingerprint_, clean=False) or {}
+        if rt.broadcast((resume_dir / "state.json").is_file()):  # gathering a plain copy is only worth it then
+            holder = rt.plain(model, device="cpu")
+            holder_opt = make_optimizer(holder, cfg, torch.device("cpu")) if rt.main else None
+            state = (load_state(resume_dir, {"model": holder}, {"model": holder_opt}, fingerprint_) if rt.main else None) or {}
+            state = rt.broadcast(state)
+            if state:
+                rt.load_sharded(model, opt, holder.state_dict() if rt.main else None, holder_opt.state_dict() if rt.main else None)
+            del holder, holder_opt
     start = int(state.get("step", 0))
-    if not rt.same_everywhere(start):
-        raise StageError(f"{name}: the processes found different checkpoints in {resume_dir} (step {start} on rank {rt.rank}): "
-                         "every node must see the first node's checkpoints folder (a shared filesystem), or delete it to start afresh")
     curve: list[dict] = state.get("curve", [])
     evals: list[dict] = state.get("evals", [])
     best: dict | None = state.get("best")
