@@ -442,8 +442,9 @@ def test_two_gloo_processes_train_the_weights_of_one_with_the_same_global_batch(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("killed_on", "resumed_on"), [((2, "ddp"), (1, "ddp")), ((2, "fsdp"), (1, "ddp")), ((1, "ddp"), (2, "fsdp"))],
-                         ids=["ddp2-to-1", "fsdp2-to-1", "1-to-fsdp2"])
+@pytest.mark.parametrize(("killed_on", "resumed_on"),
+                         [((2, "ddp"), (1, "ddp")), ((1, "ddp"), (2, "ddp")), ((2, "fsdp"), (1, "ddp")), ((1, "ddp"), (2, "fsdp"))],
+                         ids=["ddp2-to-1", "1-to-ddp2", "fsdp2-to-1", "1-to-fsdp2"])
 def test_a_run_killed_resumes_on_another_number_of_processes_to_the_same_weights(tmp_path, killed_on, resumed_on):
     killed = _ddp(tmp_path / "run", killed_on[0], stop_at=7, strategy=killed_on[1])  # checkpoint at step 6, killed after step 7
     assert killed.returncode != 0 and not (tmp_path / "run/rank0.safetensors").exists()
