@@ -58,7 +58,7 @@ import pyarrow.parquet as pq
 from tasks.config import Params
 from tasks.lib.errors import StageError
 from tasks.lib.hashing import in_fraction, unit_interval
-from tasks.lib.languages import identify, spaceless, stop_words
+from tasks.lib.languages import fit_fasttext, identify, spaceless, stop_words
 from tasks.lib.executor import orphan_guard
 from tasks.lib.storage import DOC_SCHEMA, atomic_dir, read_shard_table, shard_files, shard_rows, source_folders, write_json
 
@@ -209,17 +209,6 @@ def in_holdout(doc_id: str, fraction: float) -> bool:
     return in_fraction(doc_id, fraction, "quality:")
 
 
-def _fit_fasttext(train_file: str, model_path: str, kwargs: dict) -> str | None:
-    """Runs in a fresh process: returns None on success or the error message."""
-    import fasttext
-
-    try:
-        fasttext.train_supervised(input=train_file, **kwargs).save_model(model_path)
-        return None
-    except RuntimeError as err:
-        return str(err)
-
-
 def train_classifier(pos: list[str], neg: list[str], cfg: Any, seed: int, model_path: Path) -> None:
     if not pos or not neg:
         raise StageError("the quality classifier needs documents of both a 'reference' and a 'crawl' source "
@@ -236,7 +225,7 @@ def train_classifier(pos: list[str], neg: list[str], cfg: Any, seed: int, model_
     # fresh process, where it is deterministic; the process dies with this one.
     try:
         with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=orphan_guard) as pool:
-            error = pool.submit(_fit_fasttext, str(train_file), str(model_path), kwargs).result()
+            error = pool.submit(fit_fasttext, str(train_file), str(model_path), kwargs).result()
     finally:
         train_file.unlink()
     if error:

@@ -92,6 +92,34 @@ def runtime(device: str = "cpu", dtype: str = "auto", compile: bool = False, str
     return Runtime(cfg("pretrain.compute", device=device, dtype=dtype, compile=compile, strategy=strategy))
 
 
+# Under mutmut (`make mutants`) this process's __main__ is mutmut's script. A worker process that
+# a stage spawns would run that script again on start, and mutmut reads its config from the
+# folder the test works in and fails, so the test would fail whatever the mutant (a false kill).
+# The workers need only tasks.*: they start without the parent's __main__.
+if "MUTANT_UNDER_TEST" in os.environ:
+    import multiprocessing.spawn as _spawn
+
+    _preparation_data = _spawn.get_preparation_data
+
+    def _without_main(name):
+        data = _preparation_data(name)
+        data.pop("init_main_from_path", None)
+        data.pop("init_main_from_name", None)
+        return data
+
+    _spawn.get_preparation_data = _without_main
+
+
+@pytest.fixture(autouse=True)
+def mutmut_stats_stay_in_this_process(monkeypatch):
+    """Under mutmut's stats run a spawned worker would record which tests reach which function, and
+    that needs mutmut's config from the test's folder. Its record would be lost anyway (mutmut keeps
+    it in this process), so workers run the plain code there; this process keeps mutmut's own copy
+    of the setting. Mutants themselves (every later run) still reach the workers."""
+    if os.environ.get("MUTANT_UNDER_TEST") == "stats":
+        monkeypatch.delenv("MUTANT_UNDER_TEST")
+
+
 @pytest.fixture
 def tiny_params():
     from tasks.config import parse_params

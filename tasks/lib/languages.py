@@ -86,3 +86,18 @@ def identify(texts: list[str], max_chars: int, backend: str = "fasttext") -> lis
             _MODELS["langid"] = LanguageIdentifier.from_modelstring(model, norm_probs=True)
         return [(lang, float(p)) for lang, p in (_MODELS["langid"].classify(t[:max_chars]) for t in texts)]
     raise ValueError(f"unknown language identifier {backend!r}")
+
+
+def fit_fasttext(train_file: str, model_path: str, kwargs: dict) -> str | None:
+    """Train a fastText classifier and save it; None on success, else fastText's error message.
+    Meant to run in a fresh process (quality's classifier does): fastText keeps state between
+    trainings in one process, and its training has also been seen to give NaN in a process
+    that had imported a very large module (mutmut's copy of the quality stage), so the
+    process it runs in imports this small module, not the stage."""
+    import fasttext
+
+    try:
+        fasttext.train_supervised(input=train_file, **kwargs).save_model(model_path)
+        return None
+    except RuntimeError as err:
+        return str(err)
