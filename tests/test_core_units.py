@@ -186,6 +186,22 @@ def test_python_qa_records_are_user_question_then_assistant_answer():
         assert [m["role"] for m in r["messages"]] == ["user", "assistant"] and all(m["content"] for m in r["messages"]), r
     name = topics[0]["id"].rsplit("/", 1)[1]
     assert topics[0]["messages"][0]["content"] == f"Explain {name} in Python."
+    # a topic is answered by its first prose paragraph, not by its title and the title's underline
+    answers = {r["id"]: r["messages"][1]["content"] for r in topics}
+    assert answers["python_qa/topic/pass"].startswith('"pass" is a null operation')
+    assert not any("***" in a or a.startswith("New in version") for a in answers.values())
+
+
+def test_topic_opening_skips_title_grammar_and_version_notes_and_keeps_four_words(monkeypatch):
+    import pydoc_data.topics
+
+    text = 'The "x" statement\n*****************\n\n   x_stmt ::= "x"\n\nNew in version 3.5.\n\nOne two\nthree four.\n\nMore.'
+    assert instructions.topic_opening(text) == "One two three four."
+    assert instructions.topic_opening("Title\n=====\n\n   only code\n") == ""
+    monkeypatch.setattr(pydoc_data.topics, "topics", {"four": text, "three": "T\n*\n\nOne two three."})
+    monkeypatch.setattr(instructions.corpora, "stdlib_docstrings", lambda: [])
+    recs = [r for r in instructions.python_qa(None, 0) if r["id"].startswith("python_qa/topic/")]
+    assert [(r["id"], r["messages"][1]["content"]) for r in recs] == [("python_qa/topic/four", "One two three four.")]
 
 
 def test_sft_batch_by_hand():

@@ -33,6 +33,22 @@ def first_paragraph(doc: str) -> str:
     return " ".join(doc.strip().split("\n\n")[0].split())
 
 
+def topic_opening(text: str) -> str:
+    """The first prose paragraph of a pydoc topic. A topic opens with its title underlined
+    (`The "pass" statement` over a row of `*`), then grammar and examples indented: taking
+    the first paragraph as a docstring's would answer "Explain pass" with the title."""
+    for block in text.strip("\n").split("\n\n"):
+        lines = [ln for ln in block.split("\n") if ln.strip()]
+        if not lines or lines[0].startswith(" "):  # indented: grammar or code
+            continue
+        if len(lines) == 2 and set(lines[1].strip()) <= set("*=-~^"):  # a title and its underline
+            continue
+        if lines[0].startswith(("New in version", "Changed in version", "Deprecated since version")):
+            continue
+        return " ".join(block.split())
+    return ""
+
+
 def python_qa(limit: int | None, seed: int) -> Iterator[dict]:
     from pydoc_data.topics import topics
 
@@ -53,7 +69,7 @@ def python_qa(limit: int | None, seed: int) -> Iterator[dict]:
             if limit is not None and n >= limit:
                 return
     for name in sorted(topics):
-        words = first_paragraph(topics[name]).split()
+        words = topic_opening(topics[name]).split()
         if len(words) >= 4:
             yield {"id": f"python_qa/topic/{name}", "messages": [
                 {"role": "user", "content": f"Explain {name} in Python."},
