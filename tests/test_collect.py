@@ -59,6 +59,17 @@ def test_text_and_parquet_files(workdir):
     assert [(r["id"], r["text"]) for r in read_docs(workdir / "data/raw/pq")] == [("pq/k0", "p0"), ("pq/k1", "p1")]
 
 
+def test_a_limit_counts_documents_across_the_files_of_a_source(workdir):
+    # 2 files of 3 documents, limit 4: the whole first file (sorted) and the first of the second
+    (workdir / "docs").mkdir()
+    for f in ("a", "b"):
+        lines = [json.dumps({"id": f"{f}{i}", "text": f"document {f}{i}"}) for i in range(3)]
+        (workdir / f"docs/{f}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    m = run_stage(collect, params_with([{"name": "lim", "kind": "files", "role": "crawl", "globs": ["docs/*.jsonl"], "id_field": "id", "limit": 4}]))
+    assert m["sources"]["lim"]["docs"] == 4
+    assert [r["id"] for r in read_docs(workdir / "data/raw/lim")] == ["lim/a0", "lim/a1", "lim/a2", "lim/b0"]
+
+
 def test_hf_source_from_local_json_arrives_intact(workdir):
     recs = [{"uid": f"r{i}", "content": f"Document {i}: naïve café — 東京 ✓", "lang": "xx"} for i in range(5)]
     (workdir / "local.json").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in recs), encoding="utf-8")

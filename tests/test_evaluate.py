@@ -209,6 +209,7 @@ def test_evaluator_prompts_and_summary_by_hand(evaluator_parts):
     # a baseline: one finished answer per prompt, judged and scored by the RM like a model's
     b = ev.baseline(["Return the number of items.", "Close the file object."])
     assert b["gold"].shape == (2, 1) and b["samples"] == 1 and "self_similarity" not in ev.summary(b)
+    assert ev.summary(b)["finished_share"] == 1.0  # the baselines' answers end their turn
     assert b["gold"][:, 0] == pytest.approx(judge.scores(b["texts"], ev.questions, ev.references, [True, True]))
     from tasks.lib.rl import rewards_of
 

@@ -25,7 +25,7 @@ from tasks import label, preferences
 from tasks.lib import interop
 from tasks.lib.errors import StageError
 from tasks.lib.hashing import in_fraction
-from tasks.lib.rankings import (RankingError, RankingStore, agreement, compare, judge_agreement, judge_ranking, parse_record,
+from tasks.lib.rankings import (JUDGE, RankingError, RankingStore, agreement, agreement_counts, compare, judge_agreement, judge_ranking, parse_record,
                                 preference_pairs)
 from tests.conftest import REPO, dvc, git, make_project, tiny_raw_params
 
@@ -49,7 +49,8 @@ def test_a_ranking_record_with_ties_flags_and_labeler():
     for extra, msg in [({"ties": [[0, 2]]}, "not a run of neighbours"), ({"ties": [[0, 1], [1, 2]]}, "in two groups"),
                        ({"ties": [[1]]}, "at least 2"), ({"flagged": [3]}, "outside 0..2"), ({"flagged": [1, 1]}, "twice"),
                        ({"labeler": "a b"}, "'labeler'"), ({"finished": [True]}, "'finished'"), ({"ranking": [0, 1]}, "permutation"),
-                       ({"ranking": [0, 1, True]}, "permutation"), ({"judge_scores": [1, 2]}, "'judge_scores'")]:
+                       ({"ranking": [0, 1, True]}, "permutation"), ({"judge_scores": [1, 2]}, "'judge_scores'"),
+                       ({"judge_scores": [1, True, 2]}, "'judge_scores'")]:
         with pytest.raises(RankingError, match=msg):
             parse_record({**base, **extra})
 
@@ -71,6 +72,9 @@ def test_agreement_counts_ties_as_a_relation_and_skips_flagged_pairs():
     assert agreement([a, {**a, "prompt": "other"}]) is None
     assert judge_ranking([0.5, 0.2, 0.9, 0.5]) == {"ranking": [2, 0, 3, 1], "ties": [[0, 3]], "flagged": []}
     assert judge_agreement([{**b, "labeler": "bob", "judge_scores": [3, 2, 1]}]) == pytest.approx(2 / 3)
+    assert judge_agreement([{**b, "labeler": JUDGE, "judge_scores": [3, 2, 1]}]) is None  # the judge's own ranking
+    # (same, compared, prompts ranked by two or more): a prompt ranked once adds nothing
+    assert agreement_counts([a, b, c, {**a, "prompt": "other"}]) == (2, 5, 1)
 
 
 def test_reward_pairs_honour_ties_and_flags(tmp_path):

@@ -190,3 +190,19 @@ def test_mix_shares_recomputed_from_the_shards_and_the_index(workdir, tiny_param
         assert train_bytes[name] / total == pytest.approx(weights[name] / wsum, abs=0.02), (name, train_bytes)
         assert train_bytes[name] / total == pytest.approx(m["sources"][name]["realised_share"], abs=1e-3)  # what it reports is what it wrote
     assert train_docs == m["train_docs"]
+
+
+def test_unigram_entropy_by_hand_over_chunk_boundaries_and_meta_read_as_numbers(tmp_path):
+    from tasks.lib.tokens import token_files, unigram_entropy
+
+    # counts {0: 2, 1: 1, 2: 1}: H = -(1/2 ln 1/2 + 2 * 1/4 ln 1/4) = 1.5 ln 2, whatever the chunk size
+    data = np.array([0, 0, 1, 2], dtype=np.uint16)
+    for chunk in (1, 2, 3, 4, 8):
+        assert unigram_entropy(data, vocab=5, chunk=chunk) == pytest.approx(1.5 * np.log(2))
+    # meta.json written by hand with the vocabulary as a string: read back as the number
+    data.tofile(tmp_path / "train.bin")
+    np.array([1], dtype=np.uint16).tofile(tmp_path / "val.bin")
+    (tmp_path / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": "5",
+                                                    "splits": {"train": {"tokens": 4}, "val": {"tokens": 1}}}))
+    train, val, meta = token_files(tmp_path)
+    assert train.tolist() == [0, 0, 1, 2] and val.tolist() == [1] and meta["vocab_size"] == 5
