@@ -7,8 +7,10 @@ import random
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from tasks import collect, dedup, quality, sources
+from tasks.lib.errors import StageError
 from tasks.lib.storage import doc_row, read_docs, write_docs
 from tests.conftest import cfg, run_stage
 
@@ -134,6 +136,44 @@ def test_stage_keeps_reference_copy_across_sources(workdir, tiny_params):
     assert meta["dedup_cluster_size"] == 2
 
 
+THIRD = " ".join(f"third{i} different words about cooking recipes {i * 3}" for i in range(60))
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_stage_counts_per_source_and_cluster_sizes_recomputed_from_its_outputs(workdir, tiny_params, verify):
+    # a cluster of 12 exact copies (size "11+"), and a cluster of 3 around the reference's
+    # document: an exact copy and a near copy in the crawl
+    params = tiny_params.model_copy(update={"dedup": tiny_params.dedup.model_copy(update={"verify": verify})})
+    crawl = [doc_row(f"web_crawl/o{i}", "web_crawl", OTHER) for i in range(12)]
+    crawl += [doc_row("web_crawl/near", "web_crawl", edit(BASE)), doc_row("web_crawl/copy", "web_crawl", BASE),
+              doc_row("web_crawl/third", "web_crawl", THIRD)]
+    texts_in = {"python_docs": {"python_docs/a": BASE}, "web_crawl": {r["id"]: r["text"] for r in crawl}}
+    write_docs(workdir / "data/filtered/python_docs", [doc_row("python_docs/a", "python_docs", BASE)])
+    write_docs(workdir / "data/filtered/web_crawl", crawl, shard_docs=4)  # 4 shards
+    write_docs(workdir / "data/filtered/python_code", [doc_row("python_code/c", "python_code", "def f():\n    return 1\n")])
+    texts_in["python_code"] = {"python_code/c": "def f():\n    return 1\n"}
+    m = dedup.run(params, {"filtered": workdir / "data/filtered"}, {"dedup": workdir / "data/dedup", "report": workdir / "reports/dedup"})
+    # recomputed from what was written: a removed document is an exact one when a kept one has its text
+    kept = {name: {r["id"] for r in read_docs(workdir / f"data/dedup/{name}")} for name in texts_in}
+    kept_texts = {texts_in[n][i] for n in kept for i in kept[n]}
+    for name, docs in texts_in.items():
+        removed = [i for i in docs if i not in kept[name]]
+        exact = sum(docs[i] in kept_texts for i in removed)
+        assert m["sources"][name] == {"docs_in": len(docs), "kept": len(kept[name]), "exact_removed": exact,
+                                      "near_removed": len(removed) - exact}, name
+    assert m["sources"]["web_crawl"] == {"docs_in": 15, "kept": 2, "exact_removed": 12, "near_removed": 1}
+    assert m["cluster_sizes"] == {"2": 0, "3": 1, "4-5": 0, "6-10": 0, "11+": 1} and m["largest_cluster"] == 12
+    assert m["docs_in"] == 17 and m["kept"] == 4
+
+
+def test_a_duplicated_id_is_named_with_its_shard(workdir, tiny_params):
+    rows = [doc_row(f"web_crawl/{i}", "web_crawl", t) for i, t in [("y0", BASE), ("y1", OTHER), ("x", THIRD), ("y2", edit(BASE)), ("x", OTHER)]]
+    write_docs(workdir / "data/filtered/web_crawl", rows, shard_docs=2)  # the first x opens the second shard
+    write_docs(workdir / "data/filtered/python_docs", [doc_row("python_docs/a", "python_docs", BASE)])
+    with pytest.raises(StageError, match=r"1 document id\(s\) occur more than once .* e\.g\. 'web_crawl/x' \(.*web_crawl/part-00001\.parquet\)"):
+        dedup.run(tiny_params, {"filtered": workdir / "data/filtered"}, {"dedup": workdir / "data/dedup", "report": workdir / "reports/dedup"})
+
+
 def test_pairwise_scores_hand_made():
     s = dedup.pairwise_scores([0, 0, 0, 3], ["a", "a", "b", "b"])
     assert s["predicted_pairs"] == 3 and s["true_pairs"] == 2
@@ -248,6 +288,17 @@ def test_word_hashes_text_keys_and_signatures_match_the_hand_computation():
     assert (mh.text_keys(pa.array(["the cat"]))[0] == mh.text_keys(mh.normalise(pa.array(["THE, cat!"])))[0]).all()
     hi, lo = mh.text_keys(pa.array(["the cat"]))[0]
     assert mh.prefix_keys(pa.array(["The cat sat on it", "the  CAT"]), [2, 5]) == [int(hi) << 64 | int(lo)] * 2
+    # band keys: per band, acc = band + 1, then acc * MUL + value for its rows, folded; mod 2^64
+    keys = mh.band_keys(sig, 2, 2)
+    assert keys.dtype == np.uint64
+    for d in range(4):
+        for band in range(2):
+            acc = band + 1
+            for r in range(2):
+                acc = (acc * int(mh._MUL) + int(sig[d, band * 2 + r])) & M64
+            assert int(keys[d, band]) == acc ^ (acc >> 29)
+    # two empty documents share no shingle: similarity 0, not 1
+    assert mh.jaccard(sig[2], sig[2]) == 0.0 and mh.jaccard(sig[[2, 1]], sig[[2, 3]]).tolist() == [0.0, 1.0]
 
 
 def test_signature_agreement_estimates_the_jaccard_similarity():

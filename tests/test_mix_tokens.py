@@ -84,6 +84,7 @@ def test_token_files_decode_back_to_the_mixture(workdir, tiny_params):
     metrics = run_data_half(tiny_params)
     meta = json.loads((workdir / "data/tokens/meta.json").read_text())
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == 600
+    assert metrics["tokenize"]["vocab_size"] == 600 and metrics["tokenize"]["dtype"] == "uint16"
     tok = load_tokenizer(workdir / "models/tokenizer")
     eot = meta["special_tokens"]["eot"]
     index = read_index(workdir / "data/mix", workdir / "data/dedup")
@@ -189,7 +190,12 @@ def test_mix_shares_recomputed_from_the_shards_and_the_index(workdir, tiny_param
     for name in names:
         assert train_bytes[name] / total == pytest.approx(weights[name] / wsum, abs=0.02), (name, train_bytes)
         assert train_bytes[name] / total == pytest.approx(m["sources"][name]["realised_share"], abs=1e-3)  # what it reports is what it wrote
+        index = pq.read_table(workdir / "data/mix" / f"{name}.parquet").to_pylist()
+        assert m["sources"][name]["unique_docs"] == sum(r["train_count"] > 0 for r in index)
+        assert m["sources"][name]["docs"] == sum(r["train_count"] for r in index)
+        assert m["sources"][name]["val_docs"] == sum(r["val"] for r in index)
     assert train_docs == m["train_docs"]
+    assert m["max_share_error"] == pytest.approx(max(abs(train_bytes[n] / total - weights[n] / wsum) for n in names), abs=2e-3)
 
 
 def test_unigram_entropy_by_hand_over_chunk_boundaries_and_meta_read_as_numbers(tmp_path):
