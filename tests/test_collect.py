@@ -149,6 +149,22 @@ def test_files_are_read_in_parallel_and_ids_stay_unique_across_files(workdir):
     assert [i for i, _ in results[0]][:2] == ["s/k0", "s/k1"] and dict(results[0])["s/k0"] == "file 0 document 0"  # the first file wins
 
 
+def test_one_repeated_id_in_a_later_shard_of_a_later_file_and_short_documents_are_dropped_by_name(workdir):
+    # shard_docs 2: file 1's shards are [b0 b1] [b2 a3] [b4]; a3 repeats file 0's a3 (the only
+    # repeated id); "tiny" is shorter than min_chars
+    (workdir / "in").mkdir()
+    for f, ids in ((0, ["a0", "a1", "a2", "a3", "a4"]), (1, ["b0", "b1", "b2", "a3", "b4"])):
+        lines = [json.dumps({"id": i, "text": f"document {i} of file {f}"}) for i in ids]
+        (workdir / "in" / f"{f}.jsonl").write_text("\n".join(lines) + "\n")
+    (workdir / "in/2.jsonl").write_text(json.dumps({"id": "tiny", "text": "short"}) + "\n")
+    params = params_with([{"name": "s", "kind": "files", "role": "crawl", "globs": ["in/*.jsonl"], "id_field": "id"}])
+    params = params.model_copy(update={"collect": params.collect.model_copy(update={"shard_docs": 2, "min_chars": 10})})
+    m = run_stage(collect, params)
+    assert m["sources"]["s"]["dropped"] == {"duplicate_id": 1, "too_short": 1} and m["sources"]["s"]["docs"] == 9
+    assert [r["id"] for r in read_docs(workdir / "data/raw/s")] == [f"s/a{i}" for i in range(5)] + ["s/b0", "s/b1", "s/b2", "s/b4"]
+    assert len(list((workdir / "data/raw/s").glob("*.parquet"))) == 7  # 3 shards of at most 2 per file, and the third file's empty one
+
+
 def test_compressed_jsonl_and_text_read_as_plain(workdir):
     import gzip
 
