@@ -345,7 +345,7 @@ def test_gae_matches_hand_computation():
     assert adv.tolist() == [[0.0, 0.5, 0.5, 0.0]]
 
 
-def _pretrain_like(tmp: Path, steps: int, crash_at: int | None = None):
+def _pretrain_like(tmp: Path, steps: int, crash_at: int | None = None, best: bool = False):
     data = torch.randint(0, 40, (2000,), generator=torch.Generator().manual_seed(0))
 
     def batch_fn(step, micro):
@@ -358,10 +358,12 @@ def _pretrain_like(tmp: Path, steps: int, crash_at: int | None = None):
         if crash_at is not None and step == crash_at:
             raise KeyboardInterrupt("killed")
 
+    scores = {2: 5.0, 4: 1.0, 6: 0.0, 8: 2.0}  # evaluations every 2 steps; the best is at step 2, before the kill
+    extra = dict(eval_fn=lambda m, step: {"score": scores.get(step + 1, -1.0)}, best_by="score") if best else {}
     torch.manual_seed(0)
     model = GPT(TINY)
-    return train_loop("t", model, tiny_train(steps, ckpt_every=3, grad_accum=2, warmup_steps=2), runtime(), batch_fn,
-                      lambda m, b: (m(*b)[1], {}), lambda b: b[0].numel(), tmp, "fp", on_step=crash)
+    return train_loop("t", model, tiny_train(steps, ckpt_every=3, grad_accum=2, warmup_steps=2, eval_every=2), runtime(), batch_fn,
+                      lambda m, b: (m(*b)[1], {}), lambda b: b[0].numel(), tmp, "fp", on_step=crash, **extra)
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
@@ -375,6 +377,26 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert [r["loss"] for r in hist_b["curve"]] == [r["loss"] for r in hist["curve"]]
     for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), n
+
+
+def test_killed_run_resumes_with_its_best_weights_and_logs_the_mean_micro_batch_loss(tmp_path):
+    straight, hist = _pretrain_like(tmp_path / "a", 8, best=True)
+    with pytest.raises(KeyboardInterrupt):
+        _pretrain_like(tmp_path / "b", 8, crash_at=5, best=True)
+    resumed, hist_b = _pretrain_like(tmp_path / "b", 8, best=True)
+    assert hist["best"] == hist_b["best"] == {"step": 2, "value": 5.0} and hist_b["resumed_from"] == 3
+    for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), n  # both return the weights of step 2
+    # the first step's loss is the mean over its 2 micro-batches, computed here on the starting weights
+    torch.manual_seed(0)
+    start = GPT(TINY)
+    data = torch.randint(0, 40, (2000,), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for micro in range(2):
+        s = torch.randint(0, 1900, (4,), generator=torch.Generator().manual_seed(micro))
+        chunk = torch.stack([data[i : i + 17] for i in s.tolist()])
+        losses.append(float(start(chunk[:, :-1], chunk[:, 1:])[1]))
+    assert hist["curve"][0]["loss"] == pytest.approx(sum(losses) / 2, rel=1e-5)
 
 
 def test_checkpoints_round_trip_through_safetensors(tmp_path):
