@@ -259,3 +259,16 @@ def test_train_loop_follows_the_schedule_and_records_each_step(tmp_path):
     assert [e["step"] for e in hist["evals"]] == [3, 6, 7] and [e["acc"] for e in hist["evals"]] == pytest.approx([0.2, 0.5, 0.6])
     assert hist["first_loss"] == hist["curve"][0]["loss"]
     assert [s for s in seen if isinstance(s, tuple)] == [("step", k) for k in range(1, 8)]
+
+
+def test_flops_per_token_and_an_inverse_cdf_draw_by_hand():
+    from tasks.lib.model import _draw
+
+    model = GPT(TINY)
+    # 6 N (N: the non-embedding weights plus the head's matmul, V x d) + 12 L d T for the attention scores
+    want = 6 * (model.num_params(non_embedding=True) + 40 * 16) + 12 * 1 * 16 * 32
+    assert model.flops_per_token() == want and model.flops_per_token(8) == want - 12 * 16 * 24
+    # a draw at u = 0 never picks a token of weight 0; u just below a boundary stays on its side
+    w = torch.tensor([[0.0, 1.0, 3.0], [2.0, 0.0, 2.0]])
+    assert _draw(w, torch.tensor([[0.0], [0.0]])).tolist() == [[1], [0]]
+    assert _draw(w, torch.tensor([[0.2499], [0.5]])).tolist() == [[1], [2]]

@@ -124,6 +124,10 @@ def test_stage_counts_every_drop_and_writes_it_aside(workdir, tiny_params):
     kept = read_docs(workdir / "data/filtered/web_crawl")
     assert all("quality_score" in json.loads(r["meta"]) for r in kept)
     assert (workdir / "models/quality/model.bin").is_file()
+    c = m["classifier"]
+    assert c["train_docs"] == c["train_positives"] + c["train_negatives"] and c["train_positives"] > 0 < c["train_negatives"]
+    assert json.loads((workdir / "models/quality/labels.json").read_text()) == {
+        "positive": quality.HQ, "negative": quality.LQ, "max_chars": q.classifier.max_chars, "enabled": True}
     assert m["lines_removed"]["boilerplate_line"] > 0 and m["sources"]["web_crawl"]["lines_removed"]
     assert all("Privacy Policy" not in r["text"] for r in kept)  # page chrome is gone from what is kept
 
@@ -269,3 +273,24 @@ def test_keep_fraction_keeps_the_crawl_top_share(workdir, tiny_params):
                 if json.loads(r["meta"])["drop_reason"] == "classifier"]
     held = sum(quality.in_holdout(d, c.holdout_fraction) for d in decided)
     assert topical["docs"] == held > 10 and topical["spearman_length"] is not None
+
+
+def test_duplicate_5gram_share_and_boilerplate_share_by_hand():
+    loose = dict(min_words=1, min_stop_words=0, min_punct_line_fraction=0.0, max_top_2gram_fraction=1.0,
+                 min_alpha_word_fraction=0.0, max_duplicate_line_fraction=1.0)
+    # the 5-gram "alpha .. epsilon" twice: its 10 words are covered, "zz" is not: 52 of 54 characters
+    # (punctuation stripped, so "epsilon." is "epsilon")
+    text = "alpha beta gamma delta epsilon. alpha beta gamma delta epsilon zz"
+    assert quality.rule_filter(text, cfg("quality.rules", **loose, max_duplicate_5gram_fraction=0.97)) == (True, None)
+    assert quality.rule_filter(text, cfg("quality.rules", **loose, max_duplicate_5gram_fraction=0.96)) == (False, "duplicate_5grams")
+    # one boilerplate line of 4: a share of 0.25
+    lines = "A first line of prose.\nOur cookie notice is here.\nA third line of prose.\nA fourth line of prose."
+    pattern = quality.phrase_pattern(["cookie"])
+    assert quality.rule_filter(lines, cfg("quality.rules", **loose, max_boilerplate_line_fraction=0.25), pattern) == (True, None)
+    assert quality.rule_filter(lines, cfg("quality.rules", **loose, max_boilerplate_line_fraction=0.24), pattern) == (False, "boilerplate")
+
+
+def test_fasttext_input_and_topicality_of_too_few_documents_by_hand():
+    assert quality.ft_text("Ab  C\nd e", 8) == "ab c d"  # cut to 8 characters, lower-cased, one line
+    assert quality.topicality(np.array([0.5]), np.array([3.0]), np.array([0.1])) == {
+        "docs": 1, "spearman_length": None, "spearman_reference_topic": None, "warning": None}
