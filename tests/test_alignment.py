@@ -49,6 +49,13 @@ def test_sequence_logprobs_sum_or_per_token_by_hand():
     assert total.tolist() == pytest.approx([-3 * math.log(TINY_VOCAB), -math.log(TINY_VOCAB)], rel=1e-5)
     per_token = rl.sequence_logprobs(m, prompts, comps, 0, "cpu", length_normalise=True)
     assert per_token.tolist() == pytest.approx([-math.log(TINY_VOCAB)] * 2, rel=1e-5)
+    # DPO's per-prompt groups, over batches that cut across prompts: sums, or per-token means
+    from tasks.dpo import completion_logprobs
+
+    items = [{"prompt": [1, 2], "comps": [[4, 5, 6], [7]]}, {"prompt": [3], "comps": [[8, 9]]}]
+    for normalise, lengths in ((False, [[3, 1], [2]]), (True, [[1, 1], [1]])):
+        got = completion_logprobs(m, items, 0, "cpu", normalise, batch=2)
+        assert [g.tolist() for g in got] == [pytest.approx([-n * math.log(TINY_VOCAB) for n in row], rel=1e-5) for row in lengths]
 
 
 def test_group_advantages_by_hand():

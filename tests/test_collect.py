@@ -199,3 +199,18 @@ def test_a_truncated_or_corrupt_archive_is_one_error_naming_it(workdir, name, da
     with pytest.raises(StageError, match=name.replace(".", r"\.")):
         run_stage(collect, params_with([{"name": "s", "kind": "files", "role": "crawl", "globs": ["in/*"]}]))
     assert not (workdir / "data/raw").exists() or not any((workdir / "data/raw").rglob("*.parquet"))
+
+
+def test_the_crawls_copies_of_reference_pages_name_the_reference_source_in_any_order(workdir):
+    """The synthetic crawl copies pages of the python_docs source collected in the same run, and
+    its ground truth names them by that source's collected ids, whatever the source is called
+    and wherever it sits in the list (here after a code source, which must not be taken for it)."""
+    raw = tiny_raw_params()["collect"]["sources"]
+    by_name = {s["name"]: s for s in raw}
+    sources = [by_name["python_code"], by_name["web_crawl"], {**by_name["python_docs"], "name": "zz_reference"}]
+    run_stage(collect, params_with(sources))
+    ref = {r["id"]: r["text"] for r in read_docs(workdir / "data/raw/zz_reference")}
+    crawl = read_docs(workdir / "data/raw/web_crawl")
+    cross = [json.loads(r["meta"])["duplicate_of"] for r in crawl]
+    cross = [d for d in cross if d and not d.startswith("web_crawl/")]
+    assert cross and all(d in ref for d in cross), cross[:3]

@@ -137,6 +137,24 @@ def test_metrics_of_a_resumed_run_are_replayed_into_its_mlflow_run():
     assert train.Reporter("t", 10, main=False).mlflow is None
 
 
+
+def test_progress_line_rate_and_eta_count_the_steps_timed(monkeypatch, caplog):
+    """Steps of 2 s each on a clock the test sets: the rate is 0.5 steps/s, the ETA the steps
+    left at that rate; the clock starts at the end of the first logged step (a resumed run's
+    first step here is 3), so that step is not counted as done in no time."""
+    now = [100.0]
+    monkeypatch.setattr(train.time, "time", lambda: now[0])
+    rep = train.Reporter("t", 10, main=False)
+    rep.main, rep.every_s = True, 0.0  # progress lines without an MLflow run
+    with caplog.at_level("INFO", logger=train.log.name):
+        for step in range(3, 10):
+            now[0] += 2.0  # the step's time
+            rep.log(step, {"loss": 1.0})
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].endswith("step 4/10 | loss 1 | timing from the next step")
+    assert lines[1].endswith("step 5/10 | loss 1 | 0.50 steps/s | ETA 0m10s")  # 5 steps left at 2 s
+    assert lines[-1].endswith("step 10/10 | loss 1 | 0.50 steps/s | ETA 0m00s")
+
 def test_prompt_splits_by_hand():
     split = {"a": 0.5, "b": 0.25, "c": 0.25}
     from tasks.lib.hashing import unit_interval

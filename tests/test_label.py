@@ -25,8 +25,8 @@ from tasks import label, preferences
 from tasks.lib import interop
 from tasks.lib.errors import StageError
 from tasks.lib.hashing import in_fraction
-from tasks.lib.rankings import (JUDGE, RankingError, RankingStore, agreement, agreement_counts, compare, judge_agreement, judge_ranking, parse_record,
-                                preference_pairs)
+from tasks.lib.rankings import (JUDGE, RankingError, RankingStore, agreement, agreement_counts, compare, judge_agreement, judge_ranking, labeler_kind,
+                                parse_record, preference_pairs)
 from tests.conftest import REPO, dvc, git, make_project, tiny_raw_params
 
 ITEMS = [{"id": f"python_qa/f{i}", "prompt": f"What does `f{i}` do?", "completions": [f"answer {i}.{j}" for j in range(3)],
@@ -54,6 +54,19 @@ def test_a_ranking_record_with_ties_flags_and_labeler():
         with pytest.raises(RankingError, match=msg):
             parse_record({**base, **extra})
 
+
+
+def test_who_ranked_the_files_judge_human_mixed_or_none(tmp_path):
+    """The reward model and DPO tag their runs with this: a record whose labeler is the gold
+    judge counts as the judge, any other name or none as a person; a missing file counts nothing."""
+    rec = {"prompt": "q", "completions": ["a", "b"], "ranking": [0, 1]}
+    judge = write_jsonl(tmp_path / "judge.jsonl", [{**rec, "labeler": JUDGE}] * 2)
+    alice = write_jsonl(tmp_path / "alice.jsonl", [{**rec, "labeler": "alice"}, rec])
+    missing = tmp_path / "absent.jsonl"
+    assert labeler_kind([judge, missing]) == "judge"
+    assert labeler_kind([alice]) == "human"
+    assert labeler_kind([judge, alice]) == "mixed"
+    assert labeler_kind([missing]) == "none"
 
 def test_pairs_leave_out_ties_flags_and_equal_judge_scores():
     # ranking 2 > (0 = 1) > 3, with 3 flagged: only 2 beats 0 and 2 beats 1

@@ -25,10 +25,11 @@ def mix_params(tiny_params, weights, **kw):
     return tiny_params.model_copy(update={"mix": m})
 
 
-def test_mixture_matches_weights_with_epochs_and_subsampling(workdir, tiny_params):
+def test_mixture_matches_weights_with_epochs_and_subsampling(workdir, tiny_params, capsys):
     synthetic_dedup(workdir / "data/dedup", {"python_docs": (100, 200), "python_code": (400, 300), "web_crawl": (300, 500)})
     params = mix_params(tiny_params, {"python_docs": 0.5, "python_code": 0.2, "web_crawl": 0.3}, max_epochs=10.0)
     m = run_stage(mix, params)
+    assert "mix: 100%" in capsys.readouterr().err  # the progress line names its stage (DVC and Prefect logs interleave stages)
     for name, s in m["sources"].items():
         assert abs(s["realised_share"] - s["target_share"]) < 0.02, (name, s)
     assert m["sources"]["python_docs"]["epochs"] > 2  # small, heavily weighted: repeated

@@ -294,3 +294,37 @@ def test_fasttext_input_and_topicality_of_too_few_documents_by_hand():
     assert quality.ft_text("Ab  C\nd e", 8) == "ab c d"  # cut to 8 characters, lower-cased, one line
     assert quality.topicality(np.array([0.5]), np.array([3.0]), np.array([0.1])) == {
         "docs": 1, "spearman_length": None, "spearman_reference_topic": None, "warning": None}
+
+
+def test_gpt3_pareto_rule_keeps_a_page_when_its_draw_beats_one_minus_its_score(workdir, tiny_params):
+    """keep_rule pareto, recomputed here: one Lomax draw per scored page from the shard's own
+    stream, kept when draw > 1 - score (GPT-3, appendix A); the threshold rule decides otherwise."""
+    run_stage(sources, tiny_params)
+    run_stage(collect, tiny_params)
+    run_stage(quality, tiny_params)  # trains the classifier this test reuses
+    c = tiny_params.quality.classifier.model_copy(update={"keep_rule": "pareto", "pareto_alpha": 2.0})
+    q = tiny_params.quality.model_copy(update={"classifier": c})
+    shard = sorted((workdir / tiny_params.paths.raw / "web_crawl").glob("*.parquet"))[0]
+    out = workdir / "pareto"
+    task = quality.ShardTask(7, "web_crawl", "crawl", str(shard), str(out / "kept.parquet"), str(out / "dropped.parquet"),
+                             str(workdir / "models/quality/model.bin"), q, 3, 1.0, False)
+    m = quality.filter_shard(task)
+    import pyarrow.parquet as pq
+    ids = pq.read_table(shard, columns=["id"]).column("id").to_pylist()
+    kept = {r["id"]: json.loads(r["meta"]) for r in pq.read_table(out / "kept.parquet").to_pylist()}
+    dropped = {r["id"]: json.loads(r["meta"]) for r in pq.read_table(out / "dropped.parquet").to_pylist()}
+    assert len(ids) == len(kept) + len(dropped) == m["docs"]
+    draws = np.random.default_rng([3, 7]).pareto(2.0, len(ids))  # every page scored: one draw each, in order
+    decided = by_draw = by_threshold = 0
+    for doc_id, draw in zip(ids, draws):
+        meta = kept.get(doc_id) or dropped[doc_id]
+        if meta.get("drop_reason", "classifier") != "classifier":
+            continue  # a rule dropped it before the classifier was asked
+        s = meta["quality_score"]
+        if abs(draw - (1 - s)) < 1e-5:
+            continue  # the stored score is rounded to 6 places: too close to call
+        decided += 1
+        assert (doc_id in kept) == (draw > 1 - s), (doc_id, s, draw)
+        by_draw += draw > 1 - s
+        by_threshold += s >= c.threshold
+    assert decided > 20 and 0 < by_draw < decided and by_draw != by_threshold  # both outcomes, and not the threshold rule's

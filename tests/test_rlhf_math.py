@@ -281,3 +281,79 @@ def test_explained_variance_by_hand():
     assert rl.explained_variance(torch.tensor([[2.0, 6.0, 9.0]]), returns, m) == pytest.approx(0.75)
     # a small variance is not clamped away: returns [1, 2] (Var 0.25), values [1.5, 1.5]
     assert rl.explained_variance(torch.tensor([[1.5, 1.5, 0.0]]), torch.tensor([[1.0, 2.0, 0.0]]), m) == pytest.approx(0.0)
+
+
+def test_ppo_reports_half_the_mean_squared_log_ratio_of_the_second_epoch():
+    """approx_kl (Schulman's k2 estimator, 0.5 (log pi - log pi_old)^2 over response tokens),
+    recomputed here from the weights after the first epoch: with two epochs on one minibatch the
+    first epoch's figure is 0 (nothing moved yet), so the iteration's mean is half the second's."""
+    import copy
+
+    from tasks.lib.rl_loop import rl_loop
+
+    torch.manual_seed(0)
+    policy0, ref, value = GPT(TINY), GPT(TINY), ScalarModel(TINY)
+    ref.load_state_dict(policy0.state_dict())
+    prompts = [[1, 2, 3 + i] for i in range(6)]
+    T = 0.7
+
+    def run(epochs):
+        policy, seen = copy.deepcopy(policy0), {}
+        cfg = conf("ppo", steps=1, value_warmup=0, batch_prompts=6, ppo_epochs=epochs, minibatches=1, lr=3e-2,
+                   sampling={"max_new_tokens": 5, "temperature": T, "top_p": 1.0})
+        hist = rl_loop(policy, ref, copy.deepcopy(value), lambda p, r, i: torch.arange(len(r), dtype=torch.float32),
+                       prompts, cfg, pad_id=0, stop_ids=(), seed=0, device=torch.device("cpu"),
+                       on_iter=lambda it, row, responses, idx: seen.update(responses=responses, idx=idx))
+        return policy, hist[0], seen
+
+    policy1, _, first = run(1)  # the weights the second epoch of a two-epoch run starts from
+    _, row, second = run(2)
+    assert first == second  # the same rollout
+
+    def logps(model):  # log-softmax of logits / T at each response token, written out here
+        out = []
+        with torch.no_grad():
+            for i, r in zip(second["idx"], second["responses"]):
+                seq = torch.tensor([prompts[i] + r])
+                logits = model(seq)[0][0] / T
+                out += [float(torch.log_softmax(logits[len(prompts[i]) - 1 + j], -1)[tok]) for j, tok in enumerate(r)]
+        return torch.tensor(out)
+
+    delta = logps(policy1.eval()) - logps(policy0.eval())
+    assert delta.abs().max() > 1e-3  # the first epoch moved the policy
+    expected = 0.5 * (0.5 * delta**2).mean()  # epochs' mean of (0, the second epoch's figure)
+    assert row["approx_kl"] == pytest.approx(float(expected), rel=1e-3)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_dropout_drops_attention_weights_in_training_only(masked):
+    """At dropout 1 every attention weight is dropped, so a training-mode attention outputs
+    exactly 0; in eval mode nothing is dropped. Both paths: plain causal and an explicit mask."""
+    from tasks.lib.model import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(ModelConfig(**{**TINY.__dict__, "dropout": 1.0}), 0)
+    x = torch.randn(2, 5, TINY.d_model)
+    mask = torch.ones(5, 5, dtype=torch.bool).tril() if masked else None
+    assert torch.equal(attn.train()(x, None, mask, None), torch.zeros_like(x))
+    assert attn.eval()(x, None, mask, None).abs().min() > 0
+
+
+def test_gradients_go_through_one_flat_buffer_and_back_to_their_parameters():
+    """The several-process update sums every gradient in one flat all-reduce: on one process the
+    sum is the gradient itself, so each parameter must get its own gradient back (its shape, its
+    offset in the buffer), and a parameter with none gets zeros (the layout is the same everywhere)."""
+    from tasks.lib.rl_loop import _sum_gradients
+    from tests.conftest import runtime
+
+    torch.manual_seed(0)
+    policy, value = GPT(TINY), ScalarModel(TINY)
+    x = torch.randint(0, TINY.vocab_size, (2, 6))
+    (policy(x, x)[1] + value(x).sum()).backward()
+    untouched = next(p for p in value.parameters() if p.grad is not None)
+    untouched.grad = None  # as a parameter outside the loss
+    before = {(i, n): p.grad.clone() for i, mod in enumerate((policy, value)) for n, p in mod.named_parameters() if p.grad is not None}
+    _sum_gradients([policy, value], runtime())
+    after = {(i, n): p.grad for i, mod in enumerate((policy, value)) for n, p in mod.named_parameters()}
+    assert len(before) == len(after) - 1 and all(torch.equal(g, after[k]) for k, g in before.items())
+    assert torch.equal(untouched.grad, torch.zeros_like(untouched))

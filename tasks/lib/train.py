@@ -208,11 +208,16 @@ class Reporter:
         now = time.time()
         if now - self.last >= self.every_s or step + 1 == self.total:
             self.last = now
-            done = step + 1 - self.first_step
-            rate = done / max(now - self.t0, 1e-9)
-            eta = (self.total - step - 1) / max(rate, 1e-9)
+            # the clock started when the first logged step ended: the steps timed are those after it
+            done = step - self.first_step
             shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
-            log.info("%s step %d/%d | %s | %.2f steps/s | ETA %dm%02ds", self.name, step + 1, self.total, shown, rate, eta // 60, eta % 60)
+            if done and now > self.t0:
+                rate = done / (now - self.t0)
+                eta = round((self.total - step - 1) / rate)
+                speed = f"{rate:.2f} steps/s | ETA {eta // 60}m{eta % 60:02d}s"
+            else:
+                speed = "timing from the next step"
+            log.info("%s step %d/%d | %s | %s", self.name, step + 1, self.total, shown, speed)
 
 
 # ----------------------------------------------------------------------------- the loop
