@@ -81,7 +81,7 @@ test-fast: setup
 # fails below MUTATION_FLOOR. The whole set (about 9,500 mutants) takes days on 2 cores;
 # `make mutants-sample` scores a seeded random sample of 300 (about 1.5 hours) by area with an
 # interval, `mutmut run 'tasks.lib.rl*'` checks one module's, `mutmut results` lists what survived.
-MUTATION_FLOOR ?= 0.8   # under the sample's lower bound (README, Tests); a ratchet to raise
+MUTATION_FLOOR ?= 0.85  # under the sample's lower bound, 89.1% (README, Tests); a ratchet to raise
 mutants: setup
 	rm -rf mutants
 	mutmut run
