@@ -327,13 +327,21 @@ def test_deeply_nested_json_in_a_source_is_counted(work, capsys):
     assert m["docs"] == 1 and json.dumps(m).count("json_too_deep") == 1
 
 
+
+def as_from_a_terminal() -> None:
+    """In the child before exec: Ctrl-C's default action, as a shell in a terminal gives it. A
+    test run in the background of a non-interactive shell inherits SIGINT ignored (POSIX), and
+    Python keeps an inherited SIG_IGN: the Ctrl-C tests would then test nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 def test_ctrl_c_while_pool_workers_start_prints_no_worker_traceback(work):
     from tests.test_faults import process_tree
 
     edit_params(**{"executor.workers": 2})
     for attempt in range(3):  # the stage may finish before two workers are seen: a race the test retries
         proc = subprocess.Popen([sys.executable, "-m", "tasks.quality"], cwd=work, env={**os.environ, "PYTHONPATH": str(REPO)},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                preexec_fn=as_from_a_terminal)
         seen = False
         while proc.poll() is None:  # until the pool's workers exist (they are still importing)
             if len(process_tree(proc.pid) - {proc.pid}) >= 2:
@@ -356,7 +364,8 @@ def test_ctrl_c_of_the_flow_stops_everything_in_seconds(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
     env.update(PYTHONPATH=str(proj), PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     proc = subprocess.Popen([sys.executable, "-m", "flows.pipeline", "--stages", "sources", "collect", "quality"], cwd=proj, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=as_from_a_terminal)
     from tests.test_faults import descendants_alive, process_tree
 
     pids: set[int] = set()
