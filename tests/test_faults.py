@@ -246,6 +246,7 @@ def test_a_corrupt_resume_checkpoint_is_reported_and_training_starts_over(work, 
     assert file_hash(work / "models/base/model.safetensors") == straight
 
 
+@pytest.mark.slow  # 20-30 s of Prefect/MLflow processes: with the end-to-end tests, not the fast suite
 def test_concurrent_first_use_of_a_fresh_tracking_store(tmp_path):
     """Twelve processes opening runs on one new mlflow.db at once: all succeed."""
     script = ("import sys; sys.path.insert(0, sys.argv[1])\n"
@@ -264,6 +265,7 @@ def test_concurrent_first_use_of_a_fresh_tracking_store(tmp_path):
     assert len(runs) == 12 and all(r.info.status == "FINISHED" for r in runs)
 
 
+@pytest.mark.slow  # 20-30 s of Prefect/MLflow processes: with the end-to-end tests, not the fast suite
 def test_a_tracking_server_that_is_down_fails_fast_naming_it(work):
     import socket
 

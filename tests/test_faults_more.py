@@ -359,6 +359,7 @@ def test_ctrl_c_while_pool_workers_start_prints_no_worker_traceback(work):
 
 
 # ------------------------------------------------------------------ leaks and hangs
+@pytest.mark.slow  # 20-30 s of Prefect/MLflow processes: with the end-to-end tests, not the fast suite
 def test_ctrl_c_of_the_flow_stops_everything_in_seconds(tmp_path):
     proj = make_project(tmp_path / "proj")
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
@@ -424,6 +425,7 @@ def test_a_stage_started_after_a_killed_one_marks_its_run_killed(tmp_path):
 
 
 # ------------------------------------------------------------------ security
+@pytest.mark.slow  # 20-30 s of Prefect/MLflow processes: with the end-to-end tests, not the fast suite
 def test_a_password_in_the_tracking_uri_is_never_printed(work):
     import socket
 

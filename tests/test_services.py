@@ -128,6 +128,7 @@ def test_compose_file_passes_docker_compose_config():
 
 
 # ----------------------------------------------------------------------------- servers that are down
+@pytest.mark.slow  # 20-30 s of Prefect/MLflow processes: with the end-to-end tests, not the fast suite
 def test_a_prefect_api_that_is_down_fails_fast_naming_it(tmp_path):
     port = free_port()  # nothing listens here once the socket is closed
     url = f"http://127.0.0.1:{port}/api"
