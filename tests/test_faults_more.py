@@ -327,12 +327,12 @@ def test_deeply_nested_json_in_a_source_is_counted(work, capsys):
     assert m["docs"] == 1 and json.dumps(m).count("json_too_deep") == 1
 
 
-
 def as_from_a_terminal() -> None:
     """In the child before exec: Ctrl-C's default action, as a shell in a terminal gives it. A
     test run in the background of a non-interactive shell inherits SIGINT ignored (POSIX), and
     Python keeps an inherited SIG_IGN: the Ctrl-C tests would then test nothing."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 
 def test_ctrl_c_while_pool_workers_start_prints_no_worker_traceback(work):
     from tests.test_faults import process_tree

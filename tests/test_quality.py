@@ -7,7 +7,7 @@ import pytest
 
 from tasks import collect, quality, sources
 from tasks.lib.errors import StageError
-from tasks.lib.storage import read_docs
+from tasks.lib.storage import read_docs, read_shard_table
 from tests.conftest import cfg, run_stage, tiny_raw_params
 
 GOOD = (
@@ -309,10 +309,9 @@ def test_gpt3_pareto_rule_keeps_a_page_when_its_draw_beats_one_minus_its_score(w
     task = quality.ShardTask(7, "web_crawl", "crawl", str(shard), str(out / "kept.parquet"), str(out / "dropped.parquet"),
                              str(workdir / "models/quality/model.bin"), q, 3, 1.0, False)
     m = quality.filter_shard(task)
-    import pyarrow.parquet as pq
-    ids = pq.read_table(shard, columns=["id"]).column("id").to_pylist()
-    kept = {r["id"]: json.loads(r["meta"]) for r in pq.read_table(out / "kept.parquet").to_pylist()}
-    dropped = {r["id"]: json.loads(r["meta"]) for r in pq.read_table(out / "dropped.parquet").to_pylist()}
+    ids = read_shard_table(shard, ["id"]).column("id").to_pylist()
+    kept, dropped = ({r["id"]: json.loads(r["meta"]) for r in read_shard_table(out / f, ["id", "meta"]).to_pylist()}
+                     for f in ("kept.parquet", "dropped.parquet"))
     assert len(ids) == len(kept) + len(dropped) == m["docs"]
     draws = np.random.default_rng([3, 7]).pareto(2.0, len(ids))  # every page scored: one draw each, in order
     decided = by_draw = by_threshold = 0
